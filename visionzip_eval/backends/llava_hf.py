@@ -1,0 +1,171 @@
+"""transformers ``LlavaForConditionalGeneration`` with a CLIP tower (llava-hf/llava-1.5-*-hf).
+
+Facts this module relies on (transformers 5):
+- ``LlavaModel.get_image_features(pixel_values, vision_feature_layer, ...)`` runs the tower,
+  takes ``hidden_states[vision_feature_layer]`` (drops CLS under the ``default`` strategy) and
+  projects it; ``generate`` calls it once before prefill through ``model.base_model``.
+- ``hidden_states[i]`` (i >= 1) is the output of ``encoder.layers[i - 1]``, so LLaVA's -2 is
+  the output of the penultimate layer, and the last layer's output is never used.
+- ``LlavaModel.forward`` scatters the features into the positions of ``image_token_id``,
+  and their counts must match.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip_eval.backends.base import TowerSignals, VLMBackend, register_backend
+
+
+class _StopTower(Exception):
+    """Raised by the layer-L hook: nothing after layer L is used, so the tower stops there."""
+
+
+def _core(model: nn.Module) -> LlavaModel:
+    return model.model if isinstance(model, LlavaForConditionalGeneration) else model
+
+
+def _first_tensor(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@register_backend
+class LlavaHFBackend(VLMBackend):
+    name = "llava-hf (LlavaForConditionalGeneration, CLIP tower)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        if not isinstance(model, (LlavaForConditionalGeneration, LlavaModel)):
+            return False
+        return isinstance(_core(model).vision_tower, CLIPVisionModel)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.core = _core(model)
+        self.config = self.core.config
+        tower = self.core.vision_tower
+        self.layers = getattr(tower, "vision_model", tower).encoder.layers
+        feature_layer = self.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise ValueError(
+                f"vision_feature_layer={feature_layer!r}: VisionZip needs a single feature layer"
+            )
+        # hidden_states has len(layers) + 1 entries; entry i >= 1 is the output of layers[i - 1].
+        position = feature_layer % (len(self.layers) + 1)
+        if position == 0:
+            raise ValueError("vision_feature_layer selects the embeddings, not a transformer layer")
+        self.layer_index = position - 1
+        vision = self.config.vision_config
+        self._patches = (vision.image_size // vision.patch_size) ** 2
+
+    @property
+    def tower_tokens(self) -> int:
+        return self._patches + 1
+
+    @property
+    def full_tokens(self) -> int:
+        default = self.config.vision_feature_select_strategy == "default"
+        return self._patches if default else self._patches + 1
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
+        layer = self.layers[self.layer_index]
+        attn = layer.self_attn
+        store: dict[str, torch.Tensor] = {}
+
+        def on_query(module, args, output):
+            store["query_cls"] = output[:, 0]
+
+        def on_keys(module, args, output):
+            store["keys"] = output
+
+        def on_layer(module, args, output):
+            store["hidden"] = _first_tensor(output)
+            raise _StopTower
+
+        handles = [layer.register_forward_hook(on_layer)]
+        if attention:
+            handles += [
+                attn.q_proj.register_forward_hook(on_query),
+                attn.k_proj.register_forward_hook(on_keys),
+            ]
+        try:
+            self.core.vision_tower(pixel_values)
+        except _StopTower:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return TowerSignals(
+            hidden=store["hidden"],
+            num_heads=attn.num_heads,
+            scale=attn.scale,
+            query_cls=store.get("query_cls"),
+            keys=store.get("keys"),
+        )
+
+    def full_features(self, signals: TowerSignals) -> torch.Tensor:
+        if self.config.vision_feature_select_strategy == "default":
+            return signals.hidden[:, 1:]
+        return signals.hidden
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.core.multi_modal_projector(tokens)
+
+    def install(
+        self, encode: Callable[[torch.Tensor], torch.Tensor], tokens_per_image: int
+    ) -> Callable[[], None]:
+        core, config = self.core, self.config
+
+        # Same signature as LlavaModel.get_image_features: generate() inspects it to pick kwargs.
+        def get_image_features(
+            pixel_values: torch.Tensor,
+            vision_feature_layer=None,
+            vision_feature_select_strategy=None,
+            image_sizes=None,
+            **kwargs,
+        ) -> BaseModelOutputWithPooling:
+            if vision_feature_layer not in (None, config.vision_feature_layer):
+                raise ValueError(
+                    f"VisionZip was applied for vision_feature_layer={config.vision_feature_layer}, "
+                    f"got {vision_feature_layer}"
+                )
+            features = encode(pixel_values)
+            return BaseModelOutputWithPooling(pooler_output=list(features))
+
+        def check_placeholders(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                return
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if kwargs.get("pixel_values") is not None:
+                images = kwargs["pixel_values"].shape[0]
+            elif encoded is not None:
+                images = len(encoded.pooler_output)
+            else:
+                return
+            found = int((input_ids == config.image_token_id).sum())
+            if found != images * tokens_per_image:
+                raise ValueError(
+                    f"the prompt holds {found} image placeholder tokens for {images} image(s), but "
+                    f"VisionZip passes {tokens_per_image} tokens per image: build the inputs with "
+                    "visionzip_processor(processor, model) so that each image expands to "
+                    f"{tokens_per_image} placeholders"
+                )
+
+        core.get_image_features = get_image_features  # instance attribute: this model only
+        hook = core.register_forward_pre_hook(check_placeholders, with_kwargs=True)
+
+        def undo() -> None:
+            core.__dict__.pop("get_image_features", None)
+            hook.remove()
+
+        return undo

@@ -1,0 +1,213 @@
+"""Token reducers applied to one model instance through removable hooks.
+
+A reducer is a small dataclass that turns the vision tower's layer-L signals into the rows
+the LLM receives. Applying it never patches a class: it sets an instance attribute and
+registers hooks on that one model, and removing it restores the model exactly::
+
+    vz = VisionZip(dominant=54, contextual=10)
+    with vz(model):                    # scoped
+        model.generate(**inputs)
+    model = visionzip(model, 54, 10)   # persistent, the paper's one-liner
+    remove_reduction(model)            # and back
+
+The input side must match: ``visionzip_processor(processor, model)`` makes the processor
+expand each image placeholder to as many tokens as the model now receives.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from visionzip_eval.backends import TowerSignals, VLMBackend, backend_for
+from visionzip_eval.budget import Budget
+from visionzip_eval.selection import MergeRule, Selection, visionzip_select
+
+_STATE_ATTR = "_visionzip_state"
+
+
+@dataclass
+class _Applied:
+    reducer: "TokenReducer"
+    backend: VLMBackend
+    undo: object
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.reducer.tokens_per_image(self.backend)
+
+
+class TokenReducer:
+    """Base class: subclasses implement ``reduce`` and ``tokens_per_image``."""
+
+    needs_attention: ClassVar[bool] = False
+
+    def tokens_per_image(self, backend: VLMBackend) -> int:
+        raise NotImplementedError
+
+    def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
+        raise NotImplementedError
+
+    def check(self, backend: VLMBackend) -> None:
+        """Raise ``ValueError`` if this reducer cannot serve the backend's tower."""
+
+    # -- running --------------------------------------------------------------------------
+    def select(self, model: nn.Module, pixel_values: torch.Tensor) -> Selection:
+        """Pre-projector selection for a batch of images, with indices (for inspection)."""
+        backend = backend_for(model)
+        self.check(backend)
+        return self._select(backend, pixel_values)
+
+    def _select(self, backend: VLMBackend, pixel_values: torch.Tensor) -> Selection:
+        signals = backend.capture(pixel_values, attention=self.needs_attention)
+        return self.reduce(signals, backend)
+
+    def _encode(self, backend: VLMBackend, pixel_values: torch.Tensor) -> torch.Tensor:
+        return backend.project(self._select(backend, pixel_values).tokens)
+
+    def encode_images(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tokens the LLM receives: (num_images, tokens_per_image, llm_hidden_size)."""
+        backend = backend_for(model)
+        self.check(backend)
+        return self._encode(backend, pixel_values)
+
+    # -- applying -------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Apply persistently to this model instance (replacing any reducer already applied)."""
+        backend = backend_for(model)
+        self.check(backend)
+        remove_reduction(model)
+        undo = backend.install(
+            lambda pixel_values: self._encode(backend, pixel_values),
+            self.tokens_per_image(backend),
+        )
+        setattr(model, _STATE_ATTR, _Applied(self, backend, undo))
+        return model
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[nn.Module]:
+        previous = applied_reducer(model)
+        self.apply(model)
+        try:
+            yield model
+        finally:
+            remove_reduction(model)
+            if previous is not None:
+                previous.apply(model)
+
+
+@dataclass
+class NoReduction(TokenReducer):
+    """``budget=full``: the same capture path, every token passed on (the vanilla baseline)."""
+
+    def tokens_per_image(self, backend: VLMBackend) -> int:
+        return backend.full_tokens
+
+    def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
+        return Selection(tokens=backend.full_features(signals))
+
+
+@dataclass
+class VisionZip(TokenReducer):
+    """VisionZip (arXiv 2412.04467): ``dominant`` tokens by CLS attention (CLS included) plus
+    ``contextual`` tokens merged by key similarity, per image.
+
+    ``merge="reference"`` reproduces the reference code (target + mean of members);
+    ``"average"`` is the paper's prose (mean of target and members).
+    """
+
+    dominant: int = 54
+    contextual: int = 10
+    merge: MergeRule = "reference"
+
+    needs_attention: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        Budget(self.dominant, self.contextual)  # validates the counts
+        if self.merge not in ("reference", "average"):
+            raise ValueError(f"unknown merge rule {self.merge!r}: use 'reference' or 'average'")
+
+    @classmethod
+    def from_budget(cls, budget: Budget | int | str, merge: MergeRule = "reference") -> VisionZip:
+        parsed = Budget.parse(budget)
+        if parsed.is_full:
+            raise ValueError("budget 'full' means no reduction: use NoReduction() or reducer_for()")
+        return cls(parsed.dominant, parsed.contextual, merge)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.dominant, self.contextual)
+
+    def check(self, backend: VLMBackend) -> None:
+        self.budget.check_fits(backend.tower_tokens)
+
+    def tokens_per_image(self, backend: VLMBackend) -> int:
+        return self.dominant + self.contextual
+
+    def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
+        return visionzip_select(
+            signals.hidden,
+            signals.cls_attention,
+            signals.metric,
+            self.dominant,
+            self.contextual,
+            self.merge,
+        )
+
+
+def reducer_for(budget: Budget | int | str | None) -> TokenReducer:
+    """``full`` -> NoReduction, anything else -> VisionZip at that budget."""
+    parsed = Budget.parse(budget)
+    return NoReduction() if parsed.is_full else VisionZip(parsed.dominant, parsed.contextual)
+
+
+def applied_reducer(model: nn.Module) -> TokenReducer | None:
+    state = getattr(model, _STATE_ATTR, None)
+    return state.reducer if state is not None else None
+
+
+def tokens_per_image(model: nn.Module) -> int:
+    """Visual tokens per image the model's LLM receives now (reduced or not)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None:
+        return state.tokens_per_image
+    return backend_for(model).full_tokens
+
+
+def remove_reduction(model: nn.Module) -> nn.Module:
+    """Undo ``apply``/``visionzip`` on this model; a no-op if nothing is applied."""
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    if state is not None:
+        state.undo()
+    return model
+
+
+def visionzip(
+    model: nn.Module, dominant: int = 54, contextual: int = 10, merge: MergeRule = "reference"
+) -> nn.Module:
+    """The paper's one-liner: ``model = visionzip(model, dominant=54, contextual=10)``."""
+    return VisionZip(dominant, contextual, merge).apply(model)
+
+
+def visionzip_processor(processor, model: nn.Module):
+    """Make ``processor`` expand each image placeholder to the count ``model`` now receives.
+
+    Sets an instance attribute on this processor only; call again after changing the
+    model's reducer (it then follows the new count, or the default count if none).
+    """
+    if not hasattr(processor, "image_token"):
+        raise ValueError(f"{type(processor).__name__} has no image_token: not a LLaVA-style processor")
+    processor.__dict__.pop("replace_image_token", None)
+    if getattr(model, _STATE_ATTR, None) is None:
+        return processor
+    count = tokens_per_image(model)
+
+    def replace_image_token(image_inputs, image_idx, **kwargs) -> str:
+        return processor.image_token * count
+
+    processor.replace_image_token = replace_image_token
+    return processor

@@ -1,0 +1,168 @@
+"""VisionZip token selection as pure tensor functions (no model code).
+
+Inputs come from one layer L of the vision tower (the one the VLM reads, LLaVA's -2):
+
+- ``hidden``: (B, N, D) hidden states output by layer L, token 0 = CLS;
+- ``cls_attention``: (B, H, N) attention probabilities of the CLS query in layer L;
+- ``keys``: (B, N, d) the layer's keys averaged over heads.
+
+Everything is batched (no loop over images); scores, similarities and the merge run in
+float32 whatever the input dtype, and the tokens come back in the input's dtype and device.
+See ../shared/VISIONZIP.md for the specification this follows step by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+MergeRule = Literal["reference", "average"]
+
+
+@dataclass
+class Selection:
+    """The result of a token reduction, pre-projector.
+
+    ``tokens``: (B, K, D), the rows the LLM will receive (after the projector).
+    ``dominant_index``: (B, dominant) positions in [0, N) of the kept tokens, ascending.
+    ``contextual_index``: (B, contextual) positions of the contextual targets, target order.
+    ``slot``: (B, N) for every tower token, the output row it went into (``-1``: dropped).
+    """
+
+    tokens: torch.Tensor
+    dominant_index: torch.Tensor | None = None
+    contextual_index: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
+
+
+def cls_attention_row(
+    query_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float | None = None
+) -> torch.Tensor:
+    """Softmax attention of the CLS query over all N tokens, per head, in float32.
+
+    ``query_cls``: (B, D) projected query of token 0; ``keys``: (B, N, D) projected keys
+    (bias included, unscaled). Returns (B, H, N). This is the only row of the layer's
+    attention map VisionZip needs: O(N*D) instead of the full (N, N) map per head.
+    """
+    batch, tokens, dim = keys.shape
+    head_dim = dim // num_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    q = query_cls.float().reshape(batch, num_heads, 1, head_dim)
+    k = keys.float().reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)).squeeze(2) * scale
+    return logits.softmax(dim=-1)
+
+
+def head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, D) projected keys -> (B, N, D / H) averaged over heads (VisionZip's merge metric)."""
+    batch, tokens, dim = keys.shape
+    return keys.reshape(batch, tokens, num_heads, dim // num_heads).mean(dim=2)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def select_dominant(scores: torch.Tensor, dominant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split positions into dominant (CLS + top ``dominant - 1`` patches) and the rest.
+
+    ``scores``: (B, N) per-token score; column 0 (CLS) is always kept and never ranked.
+    Returns ``(dominant_index (B, dominant), rest_index (B, N - dominant))``, both ascending.
+    """
+    batch, tokens = scores.shape
+    top = scores[:, 1:].topk(dominant - 1, dim=1).indices + 1
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=scores.device)
+    keep[:, 0] = True
+    keep.scatter_(1, top, True)
+    # nonzero() walks row-major, so each row's positions come out ascending.
+    dominant_index = keep.nonzero()[:, 1].reshape(batch, dominant)
+    rest_index = (~keep).nonzero()[:, 1].reshape(batch, tokens - dominant)
+    return dominant_index, rest_index
+
+
+def contextual_targets(remaining: int, contextual: int, device=None) -> torch.Tensor:
+    """Uniformly strided target positions within the list of remaining tokens."""
+    step = max(1, remaining // contextual)
+    return torch.arange(0, remaining, step, device=device)[:contextual]
+
+
+def merge_contextual(
+    hidden: torch.Tensor,
+    metric: torch.Tensor,
+    contextual: int,
+    merge: MergeRule = "reference",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge R remaining tokens into ``contextual`` tokens.
+
+    ``hidden``: (B, R, D), ``metric``: (B, R, d), both in positional order.
+    Targets sit at strided positions; every other token joins the target whose metric is
+    most cosine-similar. ``merge="reference"`` gives target + mean(members) (the reference
+    code); ``"average"`` gives mean(target and members) (the paper's prose).
+    Returns ``(tokens (B, C, D), target_pos (C,), member_slot (B, R))`` where ``member_slot``
+    holds, per remaining token, the index of the contextual token it went into.
+    """
+    batch, remaining, dim = hidden.shape
+    device = hidden.device
+    target_pos = contextual_targets(remaining, contextual, device)
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=device)
+    is_target[target_pos] = True
+    member_pos = (~is_target).nonzero().squeeze(1)
+
+    unit = F.normalize(metric.float(), dim=-1)
+    similarity = unit[:, member_pos] @ unit[:, target_pos].transpose(1, 2)  # (B, M, C)
+    assign = similarity.argmax(dim=-1)  # (B, M)
+
+    members = hidden[:, member_pos].float()
+    sums = torch.zeros(batch, contextual, dim, dtype=torch.float32, device=device)
+    sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, dim), members)
+    counts = torch.zeros(batch, contextual, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float32))
+    targets = hidden[:, target_pos].float()
+    if merge == "reference":
+        merged = targets + sums / counts.clamp(min=1).unsqueeze(-1)
+    elif merge == "average":
+        merged = (targets + sums) / (counts + 1).unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown merge rule {merge!r}: use 'reference' or 'average'")
+
+    member_slot = torch.empty(batch, remaining, dtype=torch.long, device=device)
+    member_slot[:, target_pos] = torch.arange(contextual, device=device)
+    member_slot[:, member_pos] = assign
+    return merged.to(hidden.dtype), target_pos, member_slot
+
+
+def visionzip_select(
+    hidden: torch.Tensor,
+    cls_attention: torch.Tensor,
+    metric: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    merge: MergeRule = "reference",
+) -> Selection:
+    """The whole VisionZip reduction of one layer's outputs: (B, N, D) -> (B, dominant + contextual, D).
+
+    Output rows: the dominant tokens (CLS first, positional order), then the contextual
+    tokens (target order).
+    """
+    batch, tokens, _ = hidden.shape
+    if dominant + contextual > tokens:
+        raise ValueError(
+            f"dominant + contextual = {dominant + contextual} exceeds the {tokens} tokens available"
+        )
+    scores = cls_attention.float().sum(dim=1)  # (B, N): CLS attention summed over heads
+    dominant_index, rest_index = select_dominant(scores, dominant)
+    contextual_tokens, target_pos, member_slot = merge_contextual(
+        _gather_rows(hidden, rest_index), _gather_rows(metric, rest_index), contextual, merge
+    )
+    slot = torch.empty(batch, tokens, dtype=torch.long, device=hidden.device)
+    slot.scatter_(1, dominant_index, torch.arange(dominant, device=hidden.device).expand(batch, -1))
+    slot.scatter_(1, rest_index, member_slot + dominant)
+    return Selection(
+        tokens=torch.cat([_gather_rows(hidden, dominant_index), contextual_tokens], dim=1),
+        dominant_index=dominant_index,
+        contextual_index=rest_index[:, target_pos],
+        slot=slot,
+    )
