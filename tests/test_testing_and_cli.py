@@ -1,0 +1,71 @@
+"""Tiny offline models (saved, reloaded, deterministic) and the thin CLI."""
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from visionzip_eval import VisionZip, visionzip, visionzip_processor
+from visionzip_eval.cli import main
+from visionzip_eval.testing import build_tiny_llava, sample_images
+
+PROMPT = "USER: <image>\nDescribe it. ASSISTANT:"
+
+
+def test_tiny_model_is_deterministic_by_seed():
+    a, pa = build_tiny_llava(seed=5)
+    b, pb = build_tiny_llava(seed=5)
+    c, _ = build_tiny_llava(seed=6)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    assert pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
+
+
+def test_tiny_model_has_llava15_geometry(tiny):
+    model, processor = tiny
+    inputs = processor(images=sample_images()["chelsea"], text=PROMPT, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"])
+    assert out.last_hidden_state.shape[1] == 577
+    text = "Is there a cat? Yes, a small one."
+    assert processor.tokenizer.decode(processor.tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_cli_tiny_model_saves_a_model_that_loads_offline(tmp_path, capsys):
+    assert main(["tiny-model", str(tmp_path / "tiny"), "--seed", "4"]) == 0
+    assert "saved to" in capsys.readouterr().out
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "tiny")
+    reference, _ = build_tiny_llava(seed=4)
+    image = sample_images()["astronaut"]
+    visionzip(model, 54, 10)
+    visionzip_processor(processor, model)
+    inputs = processor(images=image, text=PROMPT, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+    with torch.no_grad():
+        got = model(**inputs).logits
+        with VisionZip(54, 10)(reference):
+            want = reference(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_cli_demo_prints_token_counts(capsys):
+    assert main(["demo", "--budgets", "full", "54+10"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:4] for line in out.splitlines() if line.startswith("| full") or line.startswith("| 64")]
+    assert [[c.strip() for c in r] for r in rows] == [["full", "576", "618"], ["64", "64", "106"]]
+
+
+def test_cli_bad_budget_is_one_line_error(capsys):
+    assert main(["demo", "--budgets", "54+0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["visionzip-eval: error: contextual must be >= 1, got 0"]
+
+
+def test_cli_bench_tower_tiny_prints_a_row_per_batch(capsys):
+    assert main(["bench", "tower", "--tiny", "--batch", "1", "--repeats", "1", "--quiet", "--json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["batch"] for r in rows] == [1]
+    assert rows[0]["step_ms"] > 0 and rows[0]["official_tower_ms"] > 0

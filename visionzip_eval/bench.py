@@ -1,0 +1,98 @@
+"""Benchmarks that print figures (never timed tests).
+
+``bench_tower``: what the VisionZip step costs next to the vision tower, and what the official
+approach (eager attention with ``output_attentions=True`` on every layer) costs, on a
+CLIP-L-sized random tower (24 layers, 1024 wide, 16 heads, 336 px -> 577 tokens).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from visionzip_eval.backends import backend_for
+from visionzip_eval.compressor import VisionZip
+from visionzip_eval.testing import build_tiny_llava
+
+CLIP_L = dict(vision_hidden=1024, vision_layers=24, vision_heads=16)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_tower(
+    batch_sizes: tuple[int, ...] = (1, 8),
+    repeats: int = 3,
+    step_repeats: int = 20,
+    dominant: int = 54,
+    contextual: int = 10,
+    sizes: dict | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict]:
+    """One row per batch size; times are medians in milliseconds (CPU, ``perf_counter``)."""
+    sizes = sizes or CLIP_L
+    sdpa, _ = build_tiny_llava(seed=0, attn_implementation="sdpa", **sizes)
+    eager, _ = build_tiny_llava(seed=0, attn_implementation="eager", **sizes)
+    vz = VisionZip(dominant, contextual)
+    backend = backend_for(sdpa)
+    tower, eager_tower = sdpa.model.vision_tower, eager.model.vision_tower
+    rows = []
+    for batch in batch_sizes:
+        pixels = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(batch))
+        progress(f"batch {batch}: plain SDPA tower forward (all layers)")
+        tower_ms = median_ms(lambda: tower(pixels), repeats)
+        progress(f"batch {batch}: our capture (SDPA, stops after the feature layer)")
+        capture_ms = median_ms(lambda: backend.capture(pixels, attention=True), repeats)
+        signals = backend.capture(pixels, attention=True)
+
+        def step():
+            signals._cache.clear()  # recompute the CLS row every time
+            return vz.reduce(signals, backend)
+
+        progress(f"batch {batch}: VisionZip step (CLS row + key metric + select + merge)")
+        step_ms = median_ms(step, step_repeats, warmup=3)
+        progress(f"batch {batch}: official approach (eager, output_attentions=True on every layer)")
+        official_ms = median_ms(
+            lambda: eager_tower(pixels, output_attentions=True, output_hidden_states=True), repeats
+        )
+        rows.append(
+            dict(
+                batch=batch,
+                tower_ms=tower_ms,
+                capture_ms=capture_ms,
+                step_ms=step_ms,
+                step_pct_of_tower=100 * step_ms / tower_ms,
+                ours_total_ms=capture_ms + step_ms,
+                official_tower_ms=official_ms,
+                official_vs_ours=official_ms / (capture_ms + step_ms),
+                threads=torch.get_num_threads(),
+            )
+        )
+    return rows
+
+
+def format_tower_rows(rows: list[dict]) -> str:
+    header = (
+        "| batch | plain tower ms | our capture ms | VisionZip step ms | step % of tower "
+        "| ours total ms | official eager+attentions ms | official / ours |"
+    )
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['tower_ms']:.1f} | {r['capture_ms']:.1f} | {r['step_ms']:.2f} "
+            f"| {r['step_pct_of_tower']:.2f}% | {r['ours_total_ms']:.1f} | {r['official_tower_ms']:.1f} "
+            f"| {r['official_vs_ours']:.2f}x |"
+        )
+    return "\n".join(lines)

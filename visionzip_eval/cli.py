@@ -1,0 +1,83 @@
+"""``visionzip-eval``: thin command line over the package (parse, call, print)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from visionzip_eval.testing import save_tiny_llava
+
+    path = save_tiny_llava(args.directory, seed=args.seed)
+    print(f"tiny LLaVA (random weights, seed {args.seed}) saved to {path}")
+    print("load it offline with LlavaForConditionalGeneration.from_pretrained / AutoProcessor.from_pretrained")
+    return 0
+
+
+def _cmd_bench_tower(args: argparse.Namespace) -> int:
+    from visionzip_eval.bench import CLIP_L, bench_tower, format_tower_rows
+
+    sizes = CLIP_L if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4)
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
+    rows = bench_tower(
+        batch_sizes=tuple(args.batch), repeats=args.repeats, sizes=sizes, progress=progress
+    )
+    print(json.dumps(rows, indent=2) if args.json else format_tower_rows(rows))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from visionzip_eval.demo import format_demo_rows, run_demo
+
+    print("VisionZip on a tiny random-weight LLaVA-1.5 (CLIP 336/14: 576 patches + CLS), CPU, offline")
+    print(format_demo_rows(run_demo(budgets=args.budgets)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visionzip-eval",
+        description="VisionZip visual-token reduction for vision-language models: apply, measure, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run VisionZip on a tiny offline model at full/192/128/64 tokens")
+    p.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"],
+                   help="budgets to run: full, a total (64) or a split (54+10)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("tiny-model", help="save a tiny random-weight LLaVA (model, tokenizer, processor)")
+    p.add_argument("directory", help="output folder; from_pretrained(directory) loads it with no network")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same weights)")
+    p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bench.add_parser(
+        "tower",
+        help="VisionZip step vs. the vision tower, and the official eager+output_attentions tower",
+        description="On a CLIP-L-sized random tower (24 layers, 1024 wide, 336 px), CPU: median times of the "
+        "plain SDPA tower, our capture, the VisionZip step, and the official approach.",
+    )
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats per tower measurement")
+    b.add_argument("--tiny", action="store_true", help="use the tiny tower instead (a quick check)")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=_cmd_bench_tower)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:  # bad input: one line, no traceback
+        print(f"visionzip-eval: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
