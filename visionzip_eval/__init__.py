@@ -2,11 +2,14 @@
 
 from visionzip_eval.budget import Budget
 from visionzip_eval.compressor import (
+    METHODS,
     NoReduction,
+    PoolTokens,
+    RandomTokens,
     TokenReducer,
     VisionZip,
     applied_reducer,
-    reducer_for,
+    make_reducer,
     remove_reduction,
     tokens_per_image,
     visionzip,
@@ -17,11 +20,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Budget",
+    "METHODS",
     "NoReduction",
+    "PoolTokens",
+    "RandomTokens",
     "TokenReducer",
     "VisionZip",
     "applied_reducer",
-    "reducer_for",
+    "make_reducer",
     "remove_reduction",
     "tokens_per_image",
     "visionzip",

@@ -135,7 +135,7 @@ class VisionZip(TokenReducer):
     def from_budget(cls, budget: Budget | int | str, merge: MergeRule = "reference") -> VisionZip:
         parsed = Budget.parse(budget)
         if parsed.is_full:
-            raise ValueError("budget 'full' means no reduction: use NoReduction() or reducer_for()")
+            raise ValueError("budget 'full' means no reduction: use NoReduction() or make_reducer()")
         return cls(parsed.dominant, parsed.contextual, merge)
 
     @property
@@ -159,10 +159,98 @@ class VisionZip(TokenReducer):
         )
 
 
-def reducer_for(budget: Budget | int | str | None) -> TokenReducer:
-    """``full`` -> NoReduction, anything else -> VisionZip at that budget."""
+def _grid_for(tokens: int, rows: int, cols: int) -> tuple[int, int]:
+    """The most nearly square (h, w) with h * w == tokens that fits a rows x cols grid."""
+    best = None
+    for h in range(1, int(tokens**0.5) + 1):
+        if tokens % h == 0:
+            for gh, gw in ((h, tokens // h), (tokens // h, h)):
+                if gh <= rows and gw <= cols and (best is None or abs(gh - gw) < abs(best[0] - best[1])):
+                    best = (gh, gw)
+    if best is None:
+        raise ValueError(f"{tokens} tokens cannot be pooled from a {rows}x{cols} patch grid")
+    return best
+
+
+@dataclass
+class RandomTokens(TokenReducer):
+    """Baseline: ``tokens`` patch tokens per image drawn uniformly at random (seeded), kept in
+    positional order. Each call draws anew from one generator, so a run is reproducible."""
+
+    tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {self.tokens}")
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def check(self, backend: VLMBackend) -> None:
+        rows, cols = backend.patch_grid
+        if self.tokens > rows * cols:
+            raise ValueError(f"{self.tokens} tokens exceed the tower's {rows * cols} patches")
+
+    def tokens_per_image(self, backend: VLMBackend) -> int:
+        return self.tokens
+
+    def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
+        patches = backend.patch_features(signals)
+        batch, count, dim = patches.shape
+        draw = torch.rand(batch, count, generator=self._generator).argsort(dim=1)[:, : self.tokens]
+        index = draw.sort(dim=1).values.to(patches.device)
+        tokens = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
+        return Selection(tokens=tokens, dominant_index=index + backend.patch_offset)
+
+
+@dataclass
+class PoolTokens(TokenReducer):
+    """Baseline: average pooling of the patch grid to ``tokens`` cells (the most nearly
+    square factorisation: 64 -> 8x8, 128 -> 8x16, 192 -> 12x16), row-major."""
+
+    tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {self.tokens}")
+
+    def check(self, backend: VLMBackend) -> None:
+        _grid_for(self.tokens, *backend.patch_grid)
+
+    def tokens_per_image(self, backend: VLMBackend) -> int:
+        return self.tokens
+
+    def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
+        rows, cols = backend.patch_grid
+        patches = backend.patch_features(signals)
+        batch, _, dim = patches.shape
+        grid = patches.transpose(1, 2).reshape(batch, dim, rows, cols)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid.float(), _grid_for(self.tokens, rows, cols))
+        return Selection(tokens=pooled.flatten(2).transpose(1, 2).to(patches.dtype))
+
+
+METHODS = ("visionzip", "random", "pool")
+
+
+def make_reducer(
+    budget: Budget | int | str | None = "full",
+    method: str = "visionzip",
+    seed: int = 0,
+    merge: MergeRule = "reference",
+) -> TokenReducer:
+    """The reducer for a method at a budget; ``full`` is NoReduction whatever the method.
+
+    ``random`` and ``pool`` pass exactly as many tokens as VisionZip at the same budget.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     parsed = Budget.parse(budget)
-    return NoReduction() if parsed.is_full else VisionZip(parsed.dominant, parsed.contextual)
+    if parsed.is_full:
+        return NoReduction()
+    if method == "visionzip":
+        return VisionZip(parsed.dominant, parsed.contextual, merge)
+    if method == "random":
+        return RandomTokens(parsed.total, seed)
+    return PoolTokens(parsed.total)
 
 
 def applied_reducer(model: nn.Module) -> TokenReducer | None:

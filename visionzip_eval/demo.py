@@ -11,7 +11,7 @@ import time
 import torch
 
 from visionzip_eval.budget import Budget
-from visionzip_eval.compressor import reducer_for, remove_reduction, visionzip_processor
+from visionzip_eval.compressor import make_reducer, remove_reduction, visionzip_processor
 from visionzip_eval.testing import build_tiny_llava, sample_images
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
@@ -24,7 +24,7 @@ def run_demo(budgets=("full", 192, 128, 64), image: str = "astronaut", new_token
     rows = []
     for value in budgets:
         budget = Budget.parse(value)
-        reducer = reducer_for(budget)
+        reducer = make_reducer(budget)
         reducer.apply(model)
         visionzip_processor(processor, model)
         inputs = processor(images=picture, text=PROMPT, return_tensors="pt")

@@ -75,6 +75,24 @@ class VLMBackend(ABC):
     def image_token_id(self) -> int | None:
         return None
 
+    @property
+    @abstractmethod
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid at layer L."""
+
+    @property
+    def patch_offset(self) -> int:
+        """Position of the first patch token at layer L (1 behind a CLS token)."""
+        return 1
+
+    def patch_features(self, signals: TowerSignals) -> torch.Tensor:
+        """(B, rows * cols, D) the patch tokens of layer L, row-major, no CLS."""
+        return signals.hidden[:, self.patch_offset :]
+
+    @abstractmethod
+    def vision_flops(self, tokens_out: int) -> int:
+        """FLOPs to encode one image into ``tokens_out`` LLM tokens (tower + projector)."""
+
     @abstractmethod
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
         """Run the tower up to layer L and return its signals."""

@@ -20,6 +20,7 @@ from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaMo
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, register_backend
+from visionzip_eval.profiling import vit_flops
 
 
 class _StopTower(Exception):
@@ -61,7 +62,9 @@ class LlavaHFBackend(VLMBackend):
             raise ValueError("vision_feature_layer selects the embeddings, not a transformer layer")
         self.layer_index = position - 1
         vision = self.config.vision_config
-        self._patches = (vision.image_size // vision.patch_size) ** 2
+        side = vision.image_size // vision.patch_size
+        self._grid = (side, side)
+        self._patches = side * side
 
     @property
     def tower_tokens(self) -> int:
@@ -75,6 +78,19 @@ class LlavaHFBackend(VLMBackend):
     @property
     def image_token_id(self) -> int:
         return self.config.image_token_id
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return self._grid
+
+    def vision_flops(self, tokens_out: int) -> int:
+        return vit_flops(
+            self.config.vision_config,
+            layers_run=self.layer_index + 1,  # capture stops after the feature layer
+            projector_in=self.config.vision_config.hidden_size,
+            projector_out=self.config.text_config.hidden_size,
+            tokens_out=tokens_out,
+        )
 
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
         layer = self.layers[self.layer_index]
