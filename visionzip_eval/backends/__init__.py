@@ -14,4 +14,25 @@ from visionzip_eval.backends.base import (
 )
 from visionzip_eval.backends import llava_hf  # noqa: F401  (registers itself)
 
-__all__ = ["BACKENDS", "TowerSignals", "VLMBackend", "backend_for", "register_backend"]
+
+
+def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | None = None):
+    """Load a supported checkpoint by its config's ``model_type``: (model, processor)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot load the config of {pretrained!r}: give a local checkpoint folder or a hub id "
+            f"reachable from this machine ({type(error).__name__})"
+        ) from error
+    loaders = {"llava": llava_hf.load_pretrained}
+    if config.model_type not in loaders:
+        raise ValueError(
+            f"{pretrained!r} is a {config.model_type!r} model; supported model types: {', '.join(loaders)}"
+        )
+    return loaders[config.model_type](pretrained, dtype, device, attn_implementation)
+
+
+__all__ = ["BACKENDS", "TowerSignals", "VLMBackend", "backend_for", "load_pretrained", "register_backend"]

@@ -106,6 +106,20 @@ class VLMBackend(ABC):
         """The multimodal projector: (B, K, D_vision) -> (B, K, D_llm)."""
 
     @abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules a profiler hooks: ``vision_tower``, ``projector``, ``language_model``
+        (the decoder stack, called once per forward) and ``lm_head``."""
+
+    @abstractmethod
+    def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int) -> str:
+        """The checkpoint's conversation format for ``turns`` of (user text, assistant reply or
+        None for the turn to generate), with ``images`` image placeholders in the first turn."""
+
+    @abstractmethod
+    def encode_for_generate(self, pixel_values: torch.Tensor):
+        """Image features in the form ``generate(mm_encoder_outputs={"image": ...})`` takes."""
+
+    @abstractmethod
     def install(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens_per_image: int) -> Callable[[], None]:
         """Route this model's image features through ``encode``; returns the undo function."""
 

@@ -92,6 +92,36 @@ class LlavaHFBackend(VLMBackend):
             tokens_out=tokens_out,
         )
 
+    def modules(self) -> dict[str, nn.Module]:
+        return {
+            "vision_tower": self.core.vision_tower,
+            "projector": self.core.multi_modal_projector,
+            "language_model": self.core.language_model,
+            "lm_head": getattr(self.model, "lm_head", None) or self.core.language_model.norm,
+        }
+
+    def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int) -> str:
+        messages = []
+        for index, (user, reply) in enumerate(turns):
+            content = [{"type": "image"} for _ in range(images if index == 0 else 0)]
+            content.append({"type": "text", "text": user})
+            messages.append({"role": "user", "content": content})
+            if reply is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+        if getattr(processor, "chat_template", None):
+            return processor.apply_chat_template(messages, add_generation_prompt=True)
+        # llava-1.5's own format, for processors saved without a template
+        text = ""
+        for index, (user, reply) in enumerate(turns):
+            placeholders = "<image>\n" * (images if index == 0 else 0)
+            text += f"USER: {placeholders}{user} ASSISTANT:"
+            if reply is not None:
+                text += f" {reply}</s>"
+        return text
+
+    def encode_for_generate(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        return self.core.get_image_features(pixel_values=pixel_values)
+
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
         layer = self.layers[self.layer_index]
         attn = layer.self_attn
@@ -185,3 +215,14 @@ class LlavaHFBackend(VLMBackend):
             hook.remove()
 
         return undo
+
+
+def load_pretrained(pretrained: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None):
+    """A llava-hf checkpoint (hub id or local folder) and its processor."""
+    from transformers import AutoProcessor
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        pretrained, dtype=dtype, attn_implementation=attn_implementation
+    ).to(device)
+    processor = AutoProcessor.from_pretrained(pretrained)
+    return model.eval(), processor

@@ -1,0 +1,241 @@
+"""Instrumented generation: one model, one reducer at a time, every request measured.
+
+The engine owns the model-side mechanics the lmms-eval adapter needs, without lmms-eval:
+building prompts in the checkpoint's format, applying and switching reducers (a budget
+change re-applies hooks; weights are never reloaded), generating batches, caching a
+conversation's image tokens across turns, and timing each stage of each request.
+
+Stages come from hooks on the model's own modules (scoped to this engine, removed by
+``close()``): vision = tower start to projector end, prefill = the decoder's first forward,
+time to first token = request start to the first LM-head output, decode = the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip_eval.backends import backend_for
+from visionzip_eval.compressor import (
+    NoReduction,
+    TokenReducer,
+    remove_reduction,
+    tokens_per_image,
+    visionzip_processor,
+)
+from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock, prefill_flops
+
+
+@dataclass
+class Generation:
+    """Settings of one generate call (lmms-eval's gen_kwargs, normalised)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+    until: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_gen_kwargs(cls, gen_kwargs: dict | None, default_max_new_tokens: int = 128) -> Generation:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.get("until") or []
+        if isinstance(until, str):
+            until = [until]
+        return cls(
+            max_new_tokens=int(kwargs.get("max_new_tokens") or default_max_new_tokens),
+            temperature=float(kwargs.get("temperature") or 0.0),
+            top_p=kwargs.get("top_p"),
+            num_beams=int(kwargs.get("num_beams") or 1),
+            until=[u for u in until if u],
+        )
+
+
+@dataclass
+class Request:
+    """One prompt: its conversation so far and its images (video frames included)."""
+
+    turns: list[tuple[str, str | None]]
+    images: list = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    text: str
+    metrics: dict
+
+
+class Engine:
+    def __init__(self, model: nn.Module, processor, reducer: TokenReducer | None = None, device=None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.backend = backend_for(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.decoder_shape = DecoderShape.from_config(self.backend.config.text_config)
+        self.memory = PeakMemory(self.device)
+        self.vision_calls = 0  # tower runs since construction (multi-turn reuse is checked on it)
+        self._clock: StageClock | None = None
+        self._hooks = self._instrument()
+        self.set_reducer(reducer or NoReduction())
+
+    # -- reducer --------------------------------------------------------------------------
+    def set_reducer(self, reducer: TokenReducer) -> None:
+        """Switch the reduction (hooks re-applied, weights untouched)."""
+        self.reducer = reducer
+        reducer.apply(self.model)
+        visionzip_processor(self.processor, self.model)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return tokens_per_image(self.model)
+
+    def close(self) -> None:
+        """Remove every hook this engine placed; the model is as it was handed in."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        remove_reduction(self.model)
+        visionzip_processor(self.processor, self.model)
+
+    # -- instrumentation ------------------------------------------------------------------
+    def _instrument(self) -> list:
+        modules = self.backend.modules()
+
+        def mark(name, once=True):
+            def hook(*_):
+                if self._clock is not None:
+                    (self._clock.mark_once if once else self._clock.mark)(name)
+
+            return hook
+
+        def on_vision_start(*_):
+            self.vision_calls += 1
+            mark("vision_start")()
+
+        def on_decoder_end(*_):
+            mark("prefill_end")()
+            mark("last_forward_end", once=False)()
+
+        return [
+            modules["vision_tower"].register_forward_pre_hook(on_vision_start),
+            modules["projector"].register_forward_hook(mark("vision_end", once=False)),
+            modules["language_model"].register_forward_pre_hook(mark("prefill_start")),
+            modules["language_model"].register_forward_hook(on_decoder_end),
+            modules["lm_head"].register_forward_hook(mark("first_token")),
+        ]
+
+    # -- generation -----------------------------------------------------------------------
+    def prompt(self, request: Request) -> str:
+        return self.backend.chat_prompt(self.processor, request.turns, len(request.images))
+
+    @torch.inference_mode()
+    def encode(self, images: list) -> tuple[BaseModelOutputWithPooling, float]:
+        """Image tokens as the LLM receives them, reusable across turns (VisionZip is
+        text-agnostic), and the milliseconds the encode took."""
+        clock = StageClock(self.device)
+        clock.mark("start")
+        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        features = self.backend.encode_for_generate(pixels.to(self.device, self.dtype))
+        clock.mark("end")
+        clock.finish()
+        return features, clock.ms("start", "end")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: list[Request],
+        settings: Generation,
+        image_features: BaseModelOutputWithPooling | None = None,
+    ) -> list[Output]:
+        """Generate for a batch (left-padded). With ``image_features`` (one request), the
+        image tokens computed in an earlier turn are reused and the tower does not run."""
+        clock = StageClock(self.device)
+        self._clock = clock
+        self.memory.reset()
+        clock.mark("start")
+        try:
+            texts = [self.prompt(r) for r in requests]
+            images = [image for r in requests for image in r.images]
+            if image_features is not None:
+                per_image = self.tokens_per_image
+                token = self.processor.image_token
+                texts = [t.replace(token, token * per_image) for t in texts]
+                inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
+                inputs["mm_encoder_outputs"] = {"image": image_features}
+            elif images:
+                inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+            else:
+                inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
+            inputs = {
+                k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
+                if torch.is_tensor(v) else v
+                for k, v in inputs.items()
+            }
+            out = self.model.generate(**inputs, **self._generate_kwargs(settings))
+            clock.mark("end")
+        finally:
+            self._clock = None
+        clock.finish()
+        peak = self.memory.read()
+        return self._outputs(requests, inputs, out, settings, clock, peak, reused=image_features is not None)
+
+    def _generate_kwargs(self, settings: Generation) -> dict:
+        sample = settings.temperature > 0
+        kwargs = dict(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=sample,
+            num_beams=settings.num_beams,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        if settings.until:
+            kwargs.update(stop_strings=settings.until, tokenizer=self.tokenizer)
+        return kwargs
+
+    def _outputs(self, requests, inputs, out, settings, clock, peak, reused) -> list[Output]:
+        input_ids = inputs["input_ids"]
+        prompt_len = input_ids.shape[1]
+        image_id = self.backend.image_token_id
+        eos = self.tokenizer.eos_token_id
+        timings = dict(
+            vision_ms=clock.ms("vision_start", "vision_end") if not reused else 0.0,
+            prefill_ms=clock.ms("prefill_start", "prefill_end"),
+            ttft_ms=clock.ms("start", "first_token"),
+            decode_ms=clock.ms("prefill_end", "last_forward_end"),
+            total_ms=clock.ms("start", "end"),
+        )
+        outputs = []
+        for row, request in enumerate(requests):
+            prompt_tokens = int(inputs["attention_mask"][row].sum())
+            visual = int((input_ids[row] == image_id).sum())
+            new = out[row, prompt_len:].tolist()
+            generated = len(new)
+            if eos in new:
+                generated = new.index(eos) + 1
+            text = self.tokenizer.decode(new[:generated], skip_special_tokens=True)
+            for stop in settings.until:
+                text = text.split(stop)[0]
+            images = len(request.images)
+            metrics = dict(
+                visual_tokens=visual,
+                prompt_tokens=prompt_tokens,
+                generated_tokens=generated,
+                images=images,
+                batch_size=len(requests),
+                image_tokens_reused=reused,
+                **timings,
+                peak_memory_bytes=peak,
+                peak_memory_kind=self.memory.kind,
+                prefill_flops=prefill_flops(self.decoder_shape, prompt_tokens),
+                vision_flops=0 if reused else images * self.backend.vision_flops(self.tokens_per_image),
+            )
+            outputs.append(Output(text=text.strip(), metrics=metrics))
+        return outputs

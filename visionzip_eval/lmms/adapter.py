@@ -1,0 +1,263 @@
+"""The lmms-eval model ``visionzip``: any supported VLM, any reduction method and budget,
+every request measured.
+
+    python -m lmms_eval --model visionzip \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,budget=64 \\
+        --tasks gqa,mme,pope,mmbench_en_dev_static --output_path OUT --log_samples
+
+model_args: ``pretrained``; ``budget`` (full, 64, 128, 192, any total, or "54+10") or
+``dominant`` + ``contextual``; ``method`` (visionzip, random, pool); ``merge`` (reference,
+average); ``device``; ``dtype`` (auto, float16, bfloat16, float32); ``attn_implementation``;
+``batch_size``; ``seed``; ``max_frames`` (frames sampled per video); ``max_new_tokens``
+(when a task sets none); ``warmup`` (first requests flagged and left out of aggregates);
+``output_dir`` (where ``efficiency.jsonl`` goes; default: lmms-eval's ``--output_path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from lmms_eval import utils
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from visionzip_eval.backends import load_pretrained
+from visionzip_eval.budget import Budget
+from visionzip_eval.compressor import METHODS, make_reducer
+from visionzip_eval.engine import Engine, Generation, Request
+from visionzip_eval.lmms.efficiency import EfficiencyLog
+from visionzip_eval.media import MediaError, load_visuals
+
+# What a failed sample answers: scored wrong by every benchmark's parser (no yes/no, no
+# option letter); the reason goes to efficiency.jsonl and the log.
+SAMPLE_ERROR = "[visionzip-eval: sample failed]"
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def _cli_output_path(argv: list[str]) -> str | None:
+    """lmms-eval's --output_path, read from the command line this process was started with."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output_path", default=None)
+    known, _ = parser.parse_known_args(argv)
+    return known.output_path
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float16, bfloat16 or float32")
+    return _DTYPES[dtype]
+
+
+def resolve_budget(budget, dominant, contextual) -> Budget:
+    if dominant is not None or contextual is not None:
+        if dominant is None or contextual is None:
+            raise ValueError("give both dominant and contextual, or a budget")
+        if budget not in (None, "full"):
+            raise ValueError("give either budget or dominant + contextual, not both")
+        return Budget(int(dominant), int(contextual))
+    return Budget.parse(budget)
+
+
+class VisionZipLMM(lmms):
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = "llava-hf/llava-1.5-7b-hf",
+        budget: str | int = "full",
+        dominant: int | None = None,
+        contextual: int | None = None,
+        method: str = "visionzip",
+        merge: str = "reference",
+        device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        batch_size: int | str = 1,
+        seed: int = 0,
+        max_frames: int = 8,
+        max_new_tokens: int = 128,
+        warmup: int = 2,
+        output_dir: str | None = None,
+        max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed here
+        model: Any = None,  # an already loaded (model, processor): the sweep runner's path
+        **unknown,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(
+                f"unknown model_args {', '.join(sorted(unknown))}: accepted are pretrained, budget, "
+                "dominant, contextual, method, merge, device, dtype, attn_implementation, batch_size, "
+                "seed, max_frames, max_new_tokens, warmup, output_dir"
+            )
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        self.budget = resolve_budget(budget, dominant, contextual)
+        self.method = method
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.max_frames = int(max_frames)
+        self.max_new_tokens = int(max_new_tokens)
+        self.pretrained = str(pretrained)
+        self.chat_template = None
+        torch.manual_seed(int(seed))
+        if model is None:
+            self.dtype = resolve_dtype(dtype, self._device)
+            loaded, processor = load_pretrained(self.pretrained, self.dtype, self._device, attn_implementation)
+        else:
+            loaded, processor = model
+            self.dtype = next(loaded.parameters()).dtype
+        reducer = make_reducer(self.budget, method=method, seed=int(seed), merge=merge)
+        self.engine = Engine(loaded, processor, reducer, self._device)
+        self.attn_implementation = getattr(loaded.config, "_attn_implementation", None)
+        self.efficiency = EfficiencyLog(
+            output_dir or _cli_output_path(sys.argv[1:]),
+            warmup=int(warmup),
+            static=dict(
+                model=self.pretrained,
+                method=method,
+                budget=self.budget.label,
+                dominant=self.budget.dominant,
+                contextual=self.budget.contextual,
+                tokens_per_image=self.engine.tokens_per_image,
+                device=str(self._device),
+                dtype=str(self.dtype).replace("torch.", ""),
+                attn_implementation=self.attn_implementation,
+            ),
+        )
+        logger.info(
+            f"visionzip: {self.pretrained} method={method} budget={self.budget.label} "
+            f"({self.engine.tokens_per_image} visual tokens per image) on {self._device}"
+        )
+
+    # -- lmms-eval plumbing ---------------------------------------------------------------
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    def clean(self) -> None:
+        """lmms-eval's clean() deletes every nn.Module attribute; the engine holds the model
+        so a sweep can reuse it. Only flush what this run wrote."""
+        self.efficiency.close()
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("visionzip serves generation tasks (generate_until); loglikelihood is not supported")
+
+    def _doc(self, task: str, split: str, doc_id):
+        return self.task_dict[task][split][doc_id]
+
+    def _prepare(self, context: str, doc_to_visual, doc_id, task, split) -> tuple[Request | None, dict]:
+        """Load one sample's visuals; a broken one gives (None, {error})."""
+        try:
+            images, videos = load_visuals(doc_to_visual(self._doc(task, split, doc_id)), self.max_frames)
+        except MediaError as error:
+            return None, {"error": str(error)}
+        except Exception as error:  # a task's doc_to_visual failing costs this sample only
+            return None, {"error": f"doc_to_visual failed: {type(error).__name__}: {error}"}
+        return Request(turns=[(context, None)], images=images), {"videos": videos}
+
+    # -- generation -----------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        collator = utils.Collator([r.args for r in requests], lambda a: (-len(a[0]), a[0]), grouping=True)
+        results: list[GenerationResult] = []
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="visionzip responding")
+        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            results.extend(self._generate_chunk(chunk))
+            progress.update(len(chunk))
+        progress.close()
+        self.efficiency.publish()
+        return collator.get_original(results)
+
+    def _generate_chunk(self, chunk) -> list[GenerationResult]:
+        contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
+        settings = Generation.from_gen_kwargs(all_gen_kwargs[0], self.max_new_tokens)
+        prepared = [self._prepare(*args) for args in zip(contexts, doc_to_visuals, doc_ids, tasks, splits)]
+        good = [i for i, (request, _) in enumerate(prepared) if request is not None]
+        outputs: dict[int, tuple[str, dict]] = {}
+        if good:
+            try:
+                generated = self.engine.generate([prepared[i][0] for i in good], settings)
+                for i, output in zip(good, generated):
+                    outputs[i] = (output.text, {**output.metrics, **prepared[i][1]})
+            except Exception as error:  # e.g. out of memory: this batch fails, the run goes on
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                message = f"generation failed: {type(error).__name__}: {error}"
+                for i in good:
+                    outputs[i] = (SAMPLE_ERROR, {"error": message})
+        results = []
+        for i in range(len(chunk)):
+            text, metrics = outputs.get(i, (SAMPLE_ERROR, prepared[i][1]))
+            if "error" in metrics:
+                logger.warning(f"visionzip: {tasks[i]} doc {doc_ids[i]}: {metrics['error']}")
+            self.efficiency.record(task=tasks[i], doc_id=doc_ids[i], split=splits[i], **metrics)
+            counts = (
+                TokenCounts(input_tokens=metrics["prompt_tokens"], output_tokens=metrics["generated_tokens"])
+                if "prompt_tokens" in metrics else None
+            )
+            results.append(GenerationResult(text=text, token_counts=counts))
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Conversations: each request's images are encoded once and their reduced tokens
+        reused by every later turn (VisionZip does not look at the text)."""
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="visionzip multi-round"):
+            results.append(self._conversation(*request.args))
+        self.efficiency.publish()
+        return results
+
+    def _conversation(self, context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split) -> list[str]:
+        settings = Generation.from_gen_kwargs(gen_kwargs, self.max_new_tokens)
+        first, info = self._prepare(context, doc_to_visual, doc_id, task, split)
+        if first is None:
+            self.efficiency.record(task=task, doc_id=doc_id, split=split, round=0, **info)
+            return [SAMPLE_ERROR]
+        doc = self._doc(task, split, doc_id)
+        turns, images, replies, previous_info = [(context, None)], first.images, [], None
+        features, encode_ms = self.engine.encode(images) if images else (None, 0.0)
+        for round_index in range(1_000):
+            if round_index > 0:
+                visuals, context, terminal, _, previous_info = doc_to_text(
+                    doc, previous_output=replies, round_idx=round_index, previous_round_info=previous_info
+                )
+                if terminal:
+                    break
+                turns = turns[:-1] + [(turns[-1][0], replies[-1]), (context, None)]
+                if visuals:  # new images this turn: they are encoded, the old ones kept
+                    new_images, _ = load_visuals(visuals, self.max_frames)
+                    if new_images and new_images != images:
+                        images = new_images
+                        features, encode_ms = self.engine.encode(images)
+            output = self.engine.generate([Request(turns=turns, images=images)], settings, image_features=features)[0]
+            metrics = dict(output.metrics, round=round_index, **info)
+            if encode_ms:  # this turn paid for the encode
+                metrics.update(
+                    vision_ms=encode_ms,
+                    image_tokens_reused=False,
+                    vision_flops=len(images) * self.engine.backend.vision_flops(self.engine.tokens_per_image),
+                )
+                encode_ms = 0.0
+            self.efficiency.record(task=task, doc_id=doc_id, split=split, **metrics)
+            replies.append(output.text)
+        return replies

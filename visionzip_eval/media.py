@@ -1,0 +1,88 @@
+"""Turning task visuals (PIL images, paths, bytes, videos) into RGB images, with clear errors."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+class MediaError(ValueError):
+    """A visual could not be loaded: costs its sample, never the run."""
+
+
+def is_video(visual) -> bool:
+    return isinstance(visual, (str, os.PathLike)) and Path(visual).suffix.lower() in VIDEO_SUFFIXES
+
+
+def load_image(visual) -> Image.Image:
+    """A PIL image, a path, raw bytes or a datasets-style ``{"bytes": ...}`` dict -> RGB image."""
+    try:
+        if isinstance(visual, Image.Image):
+            image = visual
+        elif isinstance(visual, dict) and visual.get("bytes") is not None:
+            image = Image.open(io.BytesIO(visual["bytes"]))
+        elif isinstance(visual, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(visual))
+        elif isinstance(visual, (str, os.PathLike)):
+            image = Image.open(visual)
+        else:
+            raise MediaError(f"unsupported visual of type {type(visual).__name__}")
+        image.load()
+        return image.convert("RGB")
+    except MediaError:
+        raise
+    except (OSError, ValueError, SyntaxError) as error:
+        raise MediaError(f"broken image ({type(error).__name__}: {error})") from error
+
+
+def sample_video_frames(path: str | os.PathLike, num_frames: int) -> list[Image.Image]:
+    """``num_frames`` frames spread uniformly over the video (PyAV), as RGB images."""
+    import av
+
+    if not Path(path).is_file():
+        raise MediaError(f"missing video file {path}")
+    try:
+        with av.open(str(path)) as container:
+            total = container.streams.video[0].frames
+            if total <= 0:  # container does not say: count in a first pass
+                total = sum(1 for _ in container.decode(video=0))
+                container.seek(0)
+            if total <= 0:
+                raise MediaError(f"video {path} has no frames")
+            wanted = set(np.linspace(0, total - 1, min(num_frames, total)).round().astype(int).tolist())
+            # Decode in order, keeping only the sampled frames (long videos never sit in memory).
+            frames = [
+                frame.to_image().convert("RGB")
+                for index, frame in enumerate(container.decode(video=0))
+                if index in wanted
+            ]
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as error:
+        raise MediaError(f"unreadable video {path} ({type(error).__name__}: {error})") from error
+    if not frames:
+        raise MediaError(f"video {path} has no frames")
+    return frames
+
+
+def load_visuals(visuals, max_frames: int) -> tuple[list[Image.Image], int]:
+    """Flatten a task's visuals into images; videos become ``max_frames`` frames each.
+    Returns ``(images, videos)`` where ``videos`` counts the videos among them."""
+    if visuals is None:
+        return [], 0
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    images, videos = [], 0
+    for visual in visuals:
+        if is_video(visual):
+            images.extend(sample_video_frames(visual, max_frames))
+            videos += 1
+        else:
+            images.append(load_image(visual))
+    return images, videos
