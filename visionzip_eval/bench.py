@@ -51,10 +51,6 @@ def bench_tower(
     rows = []
     for batch in batch_sizes:
         pixels = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(batch))
-        progress(f"batch {batch}: plain SDPA tower forward (all layers)")
-        tower_ms = median_ms(lambda: tower(pixels), repeats)
-        progress(f"batch {batch}: our capture (SDPA, stops after the feature layer)")
-        capture_ms = median_ms(lambda: backend.capture(pixels, attention=True), repeats)
         signals = backend.capture(pixels, attention=True)
 
         def step():
@@ -63,20 +59,30 @@ def bench_tower(
 
         progress(f"batch {batch}: VisionZip step (CLS row + key metric + select + merge)")
         step_ms = median_ms(step, step_repeats, warmup=3)
-        progress(f"batch {batch}: official approach (eager, output_attentions=True on every layer)")
-        official_ms = median_ms(
-            lambda: eager_tower(pixels, output_attentions=True, output_hidden_states=True), repeats
-        )
+        # The three tower variants run round-robin, so drift in machine load hits all alike.
+        variants = {
+            "tower_ms": lambda: tower(pixels),
+            "capture_ms": lambda: backend.capture(pixels, attention=True),
+            "official_tower_ms": lambda: eager_tower(pixels, output_attentions=True, output_hidden_states=True),
+        }
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for round_index in range(repeats + 1):  # round 0 warms up
+            progress(f"batch {batch}: tower round {round_index + 1}/{repeats + 1} (plain, ours, official)")
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                if round_index:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        ours = medians["capture_ms"] + step_ms
         rows.append(
             dict(
                 batch=batch,
-                tower_ms=tower_ms,
-                capture_ms=capture_ms,
+                **medians,
                 step_ms=step_ms,
-                step_pct_of_tower=100 * step_ms / tower_ms,
-                ours_total_ms=capture_ms + step_ms,
-                official_tower_ms=official_ms,
-                official_vs_ours=official_ms / (capture_ms + step_ms),
+                step_pct_of_tower=100 * step_ms / medians["tower_ms"],
+                ours_total_ms=ours,
+                official_vs_ours=medians["official_tower_ms"] / ours,
                 threads=torch.get_num_threads(),
             )
         )
