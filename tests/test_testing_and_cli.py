@@ -69,3 +69,13 @@ def test_cli_bench_tower_tiny_prints_a_row_per_batch(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["batch"] for r in rows] == [1]
     assert rows[0]["step_ms"] > 0 and rows[0]["official_tower_ms"] > 0
+
+
+def test_cli_bench_prefill_tiny_reports_tokens_and_flops_ratio(capsys):
+    import json
+
+    assert main(["bench", "prefill", "--tiny", "--budgets", "full", "64", "--repeats", "1", "--quiet", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["visual_tokens"] for r in rows] == [576, 64]
+    assert rows[0]["flops_predicted_speedup"] == 1.0 and rows[1]["flops_predicted_speedup"] > 5
+    assert rows[1]["prompt_tokens"] == rows[0]["prompt_tokens"] - 512

@@ -102,3 +102,67 @@ def format_tower_rows(rows: list[dict]) -> str:
             f"| {r['official_vs_ours']:.2f}x |"
         )
     return "\n".join(lines)
+
+
+PROXY_LLM = dict(text_hidden=1024, text_layers=8, text_heads=16, text_kv_heads=16)
+
+
+@torch.no_grad()
+def bench_prefill(
+    budgets: tuple = ("full", 192, 128, 64),
+    repeats: int = 3,
+    sizes: dict | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict]:
+    """LLM prefill and time to first token per budget on a CPU proxy VLM (CLIP-L tower,
+    8-layer 1024-wide Llama, random weights), beside the FLOPs-predicted prefill ratio."""
+    from visionzip_eval.compressor import make_reducer
+    from visionzip_eval.engine import Engine, Generation, Request
+    from visionzip_eval.testing import sample_images
+
+    model, processor = build_tiny_llava(seed=0, **(sizes or {**CLIP_L, **PROXY_LLM}))
+    engine = Engine(model, processor)
+    request = Request(turns=[("What is in the picture? Answer briefly.", None)], images=[sample_images()["astronaut"]])
+    settings = Generation(max_new_tokens=1)
+    rows = []
+    for budget in budgets:
+        engine.set_reducer(make_reducer(budget))
+        samples = []
+        for index in range(repeats + 1):  # the first run warms up
+            progress(f"budget {budget}: run {index + 1}/{repeats + 1}")
+            metrics = engine.generate([request], settings)[0].metrics
+            if index:
+                samples.append(metrics)
+        rows.append(
+            dict(
+                budget=str(budget),
+                visual_tokens=samples[0]["visual_tokens"],
+                prompt_tokens=samples[0]["prompt_tokens"],
+                vision_ms=statistics.median(s["vision_ms"] for s in samples),
+                prefill_ms=statistics.median(s["prefill_ms"] for s in samples),
+                ttft_ms=statistics.median(s["ttft_ms"] for s in samples),
+                prefill_tflops=samples[0]["prefill_flops"] / 1e12,
+            )
+        )
+    engine.close()
+    full = rows[0]
+    for row in rows:
+        row["prefill_speedup"] = full["prefill_ms"] / row["prefill_ms"]
+        row["flops_predicted_speedup"] = full["prefill_tflops"] / row["prefill_tflops"]
+        row["ttft_speedup"] = full["ttft_ms"] / row["ttft_ms"]
+    return rows
+
+
+def format_prefill_rows(rows: list[dict]) -> str:
+    lines = [
+        "| budget | visual tokens | prompt tokens | vision ms | prefill ms | TTFT ms | prefill TFLOPs "
+        "| prefill speed-up | FLOPs-predicted | TTFT speed-up |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['budget']} | {r['visual_tokens']} | {r['prompt_tokens']} | {r['vision_ms']:.1f} "
+            f"| {r['prefill_ms']:.1f} | {r['ttft_ms']:.1f} | {r['prefill_tflops']:.4f} "
+            f"| {r['prefill_speedup']:.2f}x | {r['flops_predicted_speedup']:.2f}x | {r['ttft_speedup']:.2f}x |"
+        )
+    return "\n".join(lines)

@@ -28,6 +28,16 @@ def _cmd_bench_tower(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_prefill(args: argparse.Namespace) -> int:
+    from visionzip_eval.bench import bench_prefill, format_prefill_rows
+
+    sizes = None if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4)
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
+    rows = bench_prefill(budgets=tuple(args.budgets), repeats=args.repeats, sizes=sizes, progress=progress)
+    print(json.dumps(rows, indent=2) if args.json else format_prefill_rows(rows))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from visionzip_eval.demo import format_demo_rows, run_demo
 
@@ -67,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=_cmd_bench_tower)
+    b = bench.add_parser(
+        "prefill",
+        help="LLM prefill and time to first token per budget, beside the FLOPs-predicted ratio",
+        description="On a CPU proxy VLM (CLIP-L tower, 8-layer 1024-wide Llama, random weights): median "
+        "vision, prefill and TTFT per budget in one run, and the prefill speed-up the FLOPs formula predicts.",
+    )
+    b.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"], help="budgets, full first")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per budget (after one warm-up)")
+    b.add_argument("--tiny", action="store_true", help="use the tiny model instead (a quick check)")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=_cmd_bench_prefill)
     return parser
 
 
