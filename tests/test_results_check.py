@@ -1,0 +1,41 @@
+"""Judging an lmms-eval run by its files."""
+
+import json
+import time
+
+import pytest
+
+from visionzip_eval.lmms.results import RunFailed, check_results, latest_results_file, load_checked
+
+RESULTS = {
+    "results": {
+        "mme": {"alias": "mme", "mme_perception_score,none": 1500.0, "mme_perception_score_stderr,none": "N/A"},
+        "pope": {"alias": "pope", "pope_accuracy,none": 0.85},
+    }
+}
+
+
+def test_check_results_returns_numeric_metrics():
+    metrics = check_results(RESULTS, ["mme", "pope"])
+    assert metrics == {"mme": {"mme_perception_score,none": 1500.0}, "pope": {"pope_accuracy,none": 0.85}}
+
+
+def test_missing_task_is_named():
+    with pytest.raises(RunFailed, match="no metric for gqa"):
+        check_results(RESULTS, ["mme", "gqa"])
+
+
+def test_latest_results_file_and_load(tmp_path):
+    with pytest.raises(RunFailed, match="no \\*_results.json"):
+        latest_results_file(tmp_path)
+    old = tmp_path / "model" / "2026-01-01_results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"results": {}}))
+    time.sleep(0.01)
+    new = tmp_path / "model" / "2026-01-02_results.json"
+    new.write_text(json.dumps(RESULTS))
+    path, results = load_checked(tmp_path, ["pope"])
+    assert path == new and results == RESULTS
+    new.write_text('{"results": ')
+    with pytest.raises(RunFailed, match="not valid JSON"):
+        load_checked(tmp_path, ["pope"])

@@ -1,0 +1,58 @@
+"""Judging an lmms-eval run by what it wrote, never by its exit code.
+
+lmms-eval can exit 0 when a task failed (dataset unreachable, missing module): a run counts
+as done only when its results JSON holds a metric for every task asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from numbers import Number
+from pathlib import Path
+
+
+class RunFailed(RuntimeError):
+    """An lmms-eval run did not produce what it was asked for."""
+
+
+def latest_results_file(output_path: str | Path) -> Path:
+    """The newest ``*_results.json`` lmms-eval wrote under ``output_path``."""
+    files = sorted(Path(output_path).rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise RunFailed(
+            f"lmms-eval wrote no *_results.json under {output_path}: the run failed before scoring "
+            "(see its log for the first error)"
+        )
+    return files[-1]
+
+
+def task_metrics(results: dict, task: str) -> dict[str, float]:
+    """Numeric metrics of one task, keys as lmms-eval writes them (``name,filter``)."""
+    entry = results.get("results", {}).get(task) or {}
+    return {
+        key: float(value)
+        for key, value in entry.items()
+        if key != "alias" and "_stderr" not in key and isinstance(value, Number) and not isinstance(value, bool)
+    }
+
+
+def check_results(results: dict, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for every task, or RunFailed naming the ones missing."""
+    metrics = {task: task_metrics(results, task) for task in tasks}
+    missing = [task for task, values in metrics.items() if not values]
+    if missing:
+        raise RunFailed(
+            f"lmms-eval produced no metric for {', '.join(missing)} (it exits 0 when a task fails: "
+            "check the task name, --include_path and the dataset files)"
+        )
+    return metrics
+
+
+def load_checked(output_path: str | Path, tasks: list[str]) -> tuple[Path, dict]:
+    path = latest_results_file(output_path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunFailed(f"{path} is not valid JSON ({error}): the run was interrupted while writing") from error
+    check_results(results, tasks)
+    return path, results
