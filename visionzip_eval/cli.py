@@ -38,6 +38,31 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from visionzip_eval.sweep import format_plan, load_config, plan, run_sweep
+
+    config = load_config(args.config)
+    output_dir = args.output_dir or config.output_dir
+    runs = plan(config)
+    if args.dry_run:
+        if args.json:
+            print(json.dumps([dict(asdict(r), id=r.id) for r in runs], indent=2))
+        else:
+            print(f"sweep {config.name}: {len(runs)} runs into {output_dir}/runs/")
+            print(format_plan(runs))
+        return 0
+    summary = run_sweep(config, output_dir, progress=not args.quiet,
+                        slurm_cluster="debug" if args.slurm_debug else None)
+    print(f"sweep {config.name} in {output_dir}: {summary.describe()}")
+    if summary.failed:
+        print("re-run the same command to retry the failed runs; each run's log is runs/<run>/run.log",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from visionzip_eval.demo import format_demo_rows, run_demo
 
@@ -57,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"],
                    help="budgets to run: full, a total (64) or a split (54+10)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run models x methods x budgets x tasks from a YAML config (resumable)",
+        description="Expands CONFIG into runs, one folder each under OUTPUT/runs/. Complete runs "
+        "(run.json with status ok) are skipped, killed ones redone, failed ones retried; exits 1 if any "
+        "run failed.",
+    )
+    p.add_argument("config", help="sweep YAML (see configs/)")
+    p.add_argument("--output-dir", help="override the config's output_dir")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--slurm-debug", action="store_true",
+                   help="with executor kind slurm: run the jobs here through submitit's debug executor")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("tiny-model", help="save a tiny random-weight LLaVA (model, tokenizer, processor)")
     p.add_argument("directory", help="output folder; from_pretrained(directory) loads it with no network")

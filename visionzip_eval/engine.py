@@ -12,6 +12,7 @@ time to first token = request start to the first LM-head output, decode = the re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,10 @@ from visionzip_eval.compressor import (
     visionzip_processor,
 )
 from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock, prefill_flops
+
+# Control characters no answer needs and XML cannot hold (lmms-eval's MMBench aggregation
+# writes responses to an .xlsx, which refuses them); random-weight models emit them.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 @dataclass
@@ -223,6 +228,7 @@ class Engine:
             text = self.tokenizer.decode(new[:generated], skip_special_tokens=True)
             for stop in settings.until:
                 text = text.split(stop)[0]
+            text = _XML_ILLEGAL.sub("", text)
             images = len(request.images)
             metrics = dict(
                 visual_tokens=visual,

@@ -15,10 +15,22 @@ from visionzip_eval.backends.base import (
 from visionzip_eval.backends import llava_hf  # noqa: F401  (registers itself)
 
 
+BUILTIN_TINY = "builtin:tiny-llava"
+
 
 def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | None = None):
-    """Load a supported checkpoint by its config's ``model_type``: (model, processor)."""
+    """Load a supported checkpoint by its config's ``model_type``: (model, processor).
+
+    ``builtin:tiny-llava`` builds the tiny random-weight LLaVA of ``visionzip_eval.testing``
+    in memory (offline, seed 0).
+    """
     from transformers import AutoConfig
+
+    if pretrained == BUILTIN_TINY:
+        from visionzip_eval.testing import build_tiny_llava
+
+        model, processor = build_tiny_llava(seed=0, attn_implementation=attn_implementation or "sdpa")
+        return model.to(device=device, dtype=dtype), processor
 
     try:
         config = AutoConfig.from_pretrained(pretrained)

@@ -1,0 +1,127 @@
+"""Sweep configuration: a YAML file validated by pydantic (unknown keys are errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from visionzip_eval.budget import Budget
+from visionzip_eval.compressor import METHODS
+
+
+class ConfigError(ValueError):
+    """A sweep config that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="short label used in run folder names")
+    pretrained: str = Field(description="hub id, local folder, or builtin:tiny-llava")
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="other adapter model_args")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ ") or value.startswith("."):
+            raise ValueError("must be non-empty, without '/', '\\\\', spaces or a leading '.'")
+        return value
+
+
+class LmmsEvalOptions(_Strict):
+    batch_size: int = 1
+    gen_kwargs: str | None = None
+    log_samples: bool = True
+    bootstrap_iters: int = 100000
+    max_new_tokens: int = 128
+    warmup: int = 2
+
+
+class SlurmOptions(_Strict):
+    partition: str | None = None
+    gpus_per_job: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    time_min: int = 240
+    array_parallelism: int = 8
+    jobs: int = 4
+    account: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="more submitit slurm_* parameters")
+
+
+class ExecutorSpec(_Strict):
+    kind: Literal["local", "slurm"] = "local"
+    devices: list[str] = Field(default_factory=lambda: ["auto"], description="one worker per device")
+    accelerate: bool = Field(False, description="run each run under `accelerate launch` (data parallel)")
+    accelerate_processes: int = 1
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+
+
+class SweepConfig(_Strict):
+    name: str
+    models: list[ModelSpec]
+    methods: list[str] = Field(default_factory=lambda: ["visionzip"])
+    budgets: list[str | int] = Field(default_factory=lambda: ["full", 192, 128, 64])
+    tasks: list[str]
+    include_path: str | None = Field(None, description="folder of extra lmms-eval task YAMLs")
+    limit: int | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    output_dir: str = "results"
+    lmms_eval: LmmsEvalOptions = Field(default_factory=LmmsEvalOptions)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        for method in value:
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+        return value
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: list) -> list:
+        for budget in value:
+            Budget.parse(budget)
+        return value
+
+    @field_validator("models", "tasks", "seeds", "methods", "budgets")
+    @classmethod
+    def _not_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("must list at least one entry")
+        return value
+
+
+def _location(error: dict) -> str:
+    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep config; relative paths in it resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    try:
+        config = SweepConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        kind = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise ConfigError(f"{path}: {_location(first)}: {kind}{more}") from None
+    if config.include_path and not Path(config.include_path).is_absolute():
+        config.include_path = str((path.parent / config.include_path).resolve())
+    return config

@@ -1,0 +1,64 @@
+"""Expanding a sweep config into runs, each with a stable identity and folder name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from visionzip_eval.budget import Budget
+from visionzip_eval.sweep.config import ModelSpec, SweepConfig
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (model, method, budget, task, limit, seed): one lmms-eval evaluation."""
+
+    model: str
+    method: str
+    budget: str
+    task: str
+    limit: int | None
+    seed: int
+
+    @property
+    def id(self) -> str:
+        limit = "all" if self.limit is None else str(self.limit)
+        return f"{self.model}__{self.method}__{self.budget}__{self.task}__limit-{limit}__seed-{self.seed}"
+
+    def identity(self) -> dict:
+        return asdict(self)
+
+
+def plan(config: SweepConfig) -> list[Run]:
+    """All runs, ordered so each model loads once and budgets switch as rarely as possible.
+    ``full`` does not depend on the method: it is planned once, with method ``none``."""
+    runs: list[Run] = []
+    seen: set[Run] = set()
+    for model in config.models:
+        for seed in config.seeds:
+            for budget in config.budgets:
+                label = Budget.parse(budget).label
+                for method in config.methods:
+                    method = "none" if label == "full" else method
+                    for task in config.tasks:
+                        run = Run(model.name, method, label, task, config.limit, seed)
+                        if run not in seen:
+                            seen.add(run)
+                            runs.append(run)
+    return runs
+
+
+def model_spec(config: SweepConfig, name: str) -> ModelSpec:
+    for spec in config.models:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
+
+
+def format_plan(runs: list[Run]) -> str:
+    lines = ["| # | model | method | budget | task | limit | seed | folder |", "|" + "---|" * 8]
+    for index, run in enumerate(runs, 1):
+        lines.append(
+            f"| {index} | {run.model} | {run.method} | {run.budget} | {run.task} "
+            f"| {run.limit if run.limit is not None else 'all'} | {run.seed} | runs/{run.id} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""Executing runs: model loaded once per worker, every run in its own folder, atomically.
+
+Folder protocol under ``OUTPUT/runs/``:
+- a run works in ``.<id>.partial-<pid>-<time>/`` while holding ``OUTPUT/locks/<id>.lock``;
+- it writes ``config.yaml``, ``run.log``, lmms-eval's results and samples, ``efficiency.jsonl``,
+  then ``run.json`` (status, identity, timings, versions) last, by atomic rename;
+- then the folder is renamed to ``<id>/`` (atomic). A run is complete when ``<id>/run.json``
+  says ``ok``. A killed run leaves only a partial folder, which the next attempt deletes
+  (it can tell the folder is stale: nobody holds the lock). A failed run lands with status
+  ``failed`` and its error, and is redone by the next sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from filelock import FileLock, Timeout
+
+from visionzip_eval.sweep.config import ModelSpec, SweepConfig
+from visionzip_eval.sweep.plan import Run, model_spec
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    status: str  # ok, failed, skipped (already complete), busy (another sweep holds it)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def run_dir(output_dir: Path, run: Run) -> Path:
+    return Path(output_dir) / "runs" / run.id
+
+
+def read_run_json(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(output_dir: Path, run: Run) -> bool:
+    info = read_run_json(run_dir(output_dir, run))
+    return info is not None and info.get("status") == STATUS_OK
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("visionzip-eval", "torch", "transformers", "lmms-eval"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+class ModelCache:
+    """Keeps the last loaded model of this worker; a new model replaces it."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.loads = 0
+        self._name: str | None = None
+        self._loaded = None
+
+    def get(self, spec: ModelSpec):
+        if self._name != spec.name:
+            import torch
+
+            from visionzip_eval.backends import load_pretrained
+            from visionzip_eval.lmms.adapter import resolve_dtype
+
+            self._loaded = None  # free the previous model first
+            device = torch.device(self.device)
+            self._loaded = load_pretrained(
+                spec.pretrained, resolve_dtype(spec.dtype, device), device, spec.attn_implementation
+            )
+            self._name = spec.name
+            self.loads += 1
+        return self._loaded
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device if not device.isdigit() else f"cuda:{device}"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: Path) -> dict:
+    """lmms-eval's simple_evaluate on this worker's cached model; returns metrics."""
+    from lmms_eval import evaluator
+    from lmms_eval.loggers import EvaluationTracker
+    from lmms_eval.utils import get_datetime_str
+    from lmms_eval.tasks import TaskManager
+
+    from visionzip_eval.lmms.adapter import VisionZipLMM
+    from visionzip_eval.lmms.results import check_results
+
+    spec = model_spec(config, run.model)
+    options = config.lmms_eval
+    lm = VisionZipLMM(
+        model=cache.get(spec),
+        pretrained=spec.pretrained,
+        budget=run.budget,
+        method="visionzip" if run.method == "none" else run.method,
+        device=cache.device,
+        seed=run.seed,
+        batch_size=options.batch_size,
+        max_new_tokens=options.max_new_tokens,
+        warmup=options.warmup,
+        output_dir=str(work),
+        **spec.args,
+    )
+    try:
+        tracker = EvaluationTracker(output_path=str(work / "lmms_eval"))
+        stamp = get_datetime_str()
+        results = evaluator.simple_evaluate(
+            model=lm,
+            tasks=[run.task],
+            limit=run.limit,
+            log_samples=options.log_samples,
+            evaluation_tracker=tracker,
+            task_manager=TaskManager("WARNING", include_path=config.include_path),
+            gen_kwargs=options.gen_kwargs,
+            bootstrap_iters=options.bootstrap_iters,
+            random_seed=run.seed,
+            numpy_random_seed=run.seed,
+            torch_random_seed=run.seed,
+            fewshot_random_seed=run.seed,
+            verbosity="WARNING",
+            datetime_str=stamp,
+            # what lmms-eval's CLI would pass: task aggregations write submission files under
+            # output_path (MMBench), never into the current directory
+            cli_args=argparse.Namespace(output_path=str(work / "lmms_eval"), process_with_media=False),
+        )
+        if results is None:
+            raise RuntimeError("lmms-eval returned no results")
+        samples = results.pop("samples", None)
+        tracker.save_results_aggregated(results=results, samples=samples, datetime_str=stamp)
+        if samples:
+            for task_name in results.get("configs", {}):
+                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+        metrics = check_results(results, [run.task])[run.task]
+        return {"metrics": metrics, "efficiency": lm.efficiency.summary()}
+    finally:
+        lm.engine.close()  # removes the hooks: the cached model is clean for the next run
+
+
+def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCache, evaluate=None) -> Outcome:
+    """Run once under the folder protocol; ``evaluate(run, config, cache, work)`` does the work."""
+    evaluate = evaluate or evaluate_in_process
+    from loguru import logger
+
+    output_dir = Path(output_dir)
+    final = run_dir(output_dir, run)
+    if is_complete(output_dir, run):
+        return Outcome(run.id, "skipped")
+    (output_dir / "locks").mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir / "locks" / f"{run.id}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return Outcome(run.id, "busy")
+    try:
+        if is_complete(output_dir, run):  # finished by another sweep while we waited
+            return Outcome(run.id, "skipped")
+        for stale in final.parent.glob(f".{run.id}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # we hold the lock: nobody is writing it
+        work = final.parent / f".{run.id}.partial-{os.getpid()}-{int(time.time())}"
+        work.mkdir(parents=True)
+        spec = model_spec(config, run.model)
+        resolved = {
+            "run": run.identity(),
+            "model": spec.model_dump(),
+            "include_path": config.include_path,
+            "lmms_eval": config.lmms_eval.model_dump(),
+            "device": cache.device,
+            "sweep": config.name,
+        }
+        (work / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+        import lmms_eval.models  # noqa: F401  (its import removes every loguru handler: do it first)
+
+        sink = logger.add(str(work / "run.log"), level="INFO", enqueue=False)
+        started = time.time()
+        info = {"status": STATUS_OK, "error": None}
+        try:
+            info.update(evaluate(run, config, cache, work))
+        except Exception as error:  # one failed run never stops the sweep
+            info.update(status=STATUS_FAILED, error=f"{type(error).__name__}: {error}")
+            logger.error(f"run {run.id} failed:\n{traceback.format_exc()}")
+        finally:
+            try:
+                logger.remove(sink)
+            except ValueError:  # something removed every handler meanwhile
+                pass
+        finished = time.time()
+        info.update(
+            identity=run.identity(),
+            run_id=run.id,
+            started=started,
+            finished=finished,
+            seconds=finished - started,
+            device=cache.device,
+            versions=_versions(),
+        )
+        _atomic_write(work / "run.json", json.dumps(info, indent=2, default=str))
+        if final.exists():  # an earlier failed attempt: replaced only now that this one landed
+            old = final.parent / f".{run.id}.replaced-{int(time.time())}"
+            os.rename(final, old)
+            os.rename(work, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(work, final)
+        return Outcome(run.id, info["status"], info["seconds"], info["error"])
+    finally:
+        lock.release()
