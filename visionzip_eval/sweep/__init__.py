@@ -4,6 +4,7 @@ under the folder protocol, ``executors`` decide where."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ def run_sweep(config: SweepConfig, output_dir: str | Path | None = None, progres
     summary = SweepSummary(planned=len(runs), already_complete=len(runs) - len(todo))
     if not todo:
         return summary
-    bar = tqdm(total=len(todo), desc=f"sweep {config.name}", unit="run", disable=not progress)
+    # file= binds the real stderr now: each run redirects stderr into its own run.log.
+    bar = tqdm(total=len(todo), desc=f"sweep {config.name}", unit="run", disable=not progress, file=sys.stderr)
 
     def on_outcome(outcome: Outcome) -> None:
         bar.set_postfix_str(f"{outcome.status}: {outcome.run_id[:60]}")

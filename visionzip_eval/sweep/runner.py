@@ -19,6 +19,7 @@ import platform
 import shutil
 import time
 import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,19 +206,22 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
         (work / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         import lmms_eval.models  # noqa: F401  (its import removes every loguru handler: do it first)
 
-        sink = logger.add(str(work / "run.log"), level="INFO", enqueue=False)
         started = time.time()
         info = {"status": STATUS_OK, "error": None}
-        try:
-            info.update(evaluate(run, config, cache, work))
-        except Exception as error:  # one failed run never stops the sweep
-            info.update(status=STATUS_FAILED, error=f"{type(error).__name__}: {error}")
-            logger.error(f"run {run.id} failed:\n{traceback.format_exc()}")
-        finally:
+        # The run's own output (lmms-eval's logs and progress bars) goes to its run.log; the
+        # console keeps the sweep's progress bar only.
+        with open(work / "run.log", "a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
+            sink = logger.add(log, level="INFO", enqueue=False)
             try:
-                logger.remove(sink)
-            except ValueError:  # something removed every handler meanwhile
-                pass
+                info.update(evaluate(run, config, cache, work))
+            except Exception as error:  # one failed run never stops the sweep
+                info.update(status=STATUS_FAILED, error=f"{type(error).__name__}: {error}")
+                logger.error(f"run {run.id} failed:\n{traceback.format_exc()}")
+            finally:
+                try:
+                    logger.remove(sink)
+                except ValueError:  # something removed every handler meanwhile
+                    pass
         finished = time.time()
         info.update(
             identity=run.identity(),
