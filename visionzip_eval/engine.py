@@ -92,7 +92,6 @@ class Engine:
     # -- reducer --------------------------------------------------------------------------
     def set_reducer(self, reducer: TokenReducer) -> None:
         """Switch the reduction (hooks re-applied, weights untouched)."""
-        self.reducer = reducer
         reducer.apply(self.model)
         visionzip_processor(self.processor, self.model)
 
