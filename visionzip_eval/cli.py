@@ -63,6 +63,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from visionzip_eval.report import TableOptions, write_report
+
+    options = TableOptions(pope_metric=args.pope_metric, mme=args.mme, paper=not args.no_paper)
+    report = write_report(args.results, options, plots=not args.no_plots)
+    print(report.main_table)
+    print(f"\nreport written to {report.directory}/ ({len(report.paths)} files)")
+    return 0
+
+
+def _cmd_regress(args: argparse.Namespace) -> int:
+    from visionzip_eval.report import regress, write_baseline
+
+    if args.update_baseline:
+        baseline = write_baseline(args.results, args.baseline)
+        print(f"baseline {args.baseline} written: {len(baseline['runs'])} runs, "
+              f"{sum(len(v) for v in baseline['runs'].values())} values; review it, then commit it")
+        return 0
+    outcome = regress(args.results, args.baseline, args.junit, only_failures=args.only_failures)
+    print(outcome.table)
+    print(f"JUnit XML: {outcome.junit}")
+    return outcome.exit_code
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from visionzip_eval.demo import format_demo_rows, run_demo
 
@@ -98,6 +122,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-debug", action="store_true",
                    help="with executor kind slurm: run the jobs here through submitit's debug executor")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "report",
+        help="tables (Markdown, LaTeX, CSV) and figures from a sweep's results into RESULTS/report/",
+        description="Reads every run under RESULTS/runs/ (failed and incomplete ones are listed), writes "
+        "table.md/.tex/.csv (scores in the paper's layout), efficiency.md/.tex/.csv, runs.csv, collected.csv "
+        "and figures (PNG + PDF) into RESULTS/report/, and prints the score table. Writes nowhere else.",
+    )
+    p.add_argument("results", help="the sweep's output directory (holding runs/)")
+    p.add_argument("--pope-metric", choices=["f1", "accuracy"], default="f1", help="POPE column (default: f1)")
+    p.add_argument("--mme", choices=["perception", "total"], default="perception",
+                   help="MME column: perception (0-2000, default) or perception + cognition (the paper's)")
+    p.add_argument("--no-paper", action="store_true", help="leave out the paper's reference rows")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "regress",
+        help="compare a sweep's results with a stored baseline (exit 1 on any regression)",
+        description="Checks every baselined value (scores, visual-token counts, sample counts, FLOPs, latency, "
+        "memory) against the tolerances stored in the baseline file; prints a pass/fail table and writes JUnit "
+        "XML. Exit 0 when all pass, 1 on any failure; a missing or placeholder baseline is an error.",
+    )
+    p.add_argument("results", help="the sweep's output directory (holding runs/)")
+    p.add_argument("--baseline", required=True, help="baseline JSON (see baselines/README.md)")
+    p.add_argument("--junit", help="JUnit XML path (default: RESULTS/report/regress.xml)")
+    p.add_argument("--update-baseline", action="store_true",
+                   help="write the baseline from these results instead (keeps the file's tolerances)")
+    p.add_argument("--only-failures", action="store_true", help="print only the failed checks")
+    p.set_defaults(func=_cmd_regress)
 
     p = sub.add_parser("tiny-model", help="save a tiny random-weight LLaVA (model, tokenizer, processor)")
     p.add_argument("directory", help="output folder; from_pretrained(directory) loads it with no network")

@@ -1,0 +1,108 @@
+"""Which benchmark a task is, which of its metrics the table shows, and on which scale.
+
+lmms-eval reports some metrics as fractions (``exact_match``, ``pope_f1_score``: 0-1) and
+others already in percent (MMBench's ``gpt_eval_score``, ``videomme_perception_score``) or in
+points (MME: sum over categories of acc + acc+, 200 per category). The report shows every
+benchmark on its native published scale: percent for accuracy-like metrics, points for MME.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# lmms-eval metric name -> factor to its report scale (fractions become percent).
+METRIC_SCALE: dict[str, float] = {
+    "exact_match": 100.0,
+    "pope_accuracy": 100.0,
+    "pope_precision": 100.0,
+    "pope_recall": 100.0,
+    "pope_f1_score": 100.0,
+    "pope_yes_ratio": 100.0,
+    "mmmu_acc": 100.0,
+    "seed_all": 100.0,
+    "seed_image": 100.0,
+    "seed_video": 100.0,
+    "acc": 100.0,
+    "gpt_eval_score": 1.0,  # MMBench (static or judged): already in percent
+    "videomme_perception_score": 1.0,  # already in percent
+    "mme_perception_score": 1.0,  # points, 0-2000 (10 categories x 200)
+    "mme_cognition_score": 1.0,  # points, 0-800 (4 categories x 200)
+}
+
+
+def metric_scale(metric: str) -> float:
+    """Factor from lmms-eval's value to the report scale (1 for unknown metrics: shown as reported)."""
+    return METRIC_SCALE.get(metric.split(",")[0], 1.0)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    key: str  # stable id, also the paper CSV column (``GQA``)
+    name: str  # column header
+    aliases: tuple[str, ...]  # task-name tokens that identify it (``visionzip_smoke_gqa`` -> gqa)
+    metrics: tuple[str, ...]  # preferred metric names, first present wins
+    scale_text: str  # what the number means, for the table notes
+
+
+# Paper column order first (arXiv 2412.04467 Table 1), then the others.
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark("GQA", "GQA", ("gqa",), ("exact_match",), "exact match, %"),
+    Benchmark("MMB", "MMB", ("mmbench",), ("gpt_eval_score",), "accuracy (circular evaluation), %"),
+    Benchmark("MME", "MME", ("mme",), ("mme_perception_score",), "perception score, points (0-2000)"),
+    Benchmark("POPE", "POPE", ("pope",), ("pope_f1_score", "pope_accuracy"), "F1, %"),
+    Benchmark("SQA", "SQA", ("scienceqa", "sqa"), ("exact_match",), "(ScienceQA-IMG) accuracy, %"),
+    Benchmark("VQAv2", "VQAv2", ("vqav2",), ("exact_match",), "accuracy, %"),
+    Benchmark("TextVQA", "TextVQA", ("textvqa",), ("exact_match",), "accuracy, %"),
+    Benchmark("MMMU", "MMMU", ("mmmu",), ("mmmu_acc",), "accuracy, %"),
+    Benchmark("SEED", "SEED", ("seedbench", "seed"), ("seed_all", "seed_image"), "accuracy (all: image + video), %"),
+    Benchmark("VideoMME", "Video-MME", ("videomme",), ("videomme_perception_score",), "accuracy, %"),
+    Benchmark("MMVet", "MM-Vet", ("mmvet",), ("gpt_eval_score",), "GPT score, %"),
+)
+_BY_KEY = {b.key: b for b in BENCHMARKS}
+ORDER = {b.key: i for i, b in enumerate(BENCHMARKS)}
+VIDEO_BENCHMARKS = {"VideoMME"}
+
+
+def benchmark_for_task(task: str) -> Benchmark | None:
+    """The benchmark a task name belongs to, by its ``_``-separated tokens (so ``videomme`` is
+    never taken for ``mme``): ``mme``, ``visionzip_local_mme``, ``mmbench_en_dev_static``."""
+    tokens = str(task).lower().replace("-", "_").split("_")
+    for bench in BENCHMARKS:
+        if any(alias in tokens for alias in bench.aliases):
+            return bench
+    return None
+
+
+def benchmark_key(task: str) -> str:
+    """Benchmark key of a task; an unknown task is its own benchmark (its name)."""
+    bench = benchmark_for_task(task)
+    return bench.key if bench else str(task)
+
+
+def get(key: str) -> Benchmark | None:
+    return _BY_KEY.get(key)
+
+
+def sort_key(key: str) -> tuple[int, str]:
+    return (ORDER.get(key, len(ORDER)), key)
+
+
+METHOD_NAMES = {
+    "none": "Vanilla",
+    "visionzip": "VisionZip",
+    "random": "Random",
+    "pool": "Pooling",
+    "fastv": "FastV",
+    "sparsevlm": "SparseVLM",
+    "tome": "ToMe",
+}
+# Within a budget group: baselines first, VisionZip last (the paper's layout).
+_METHOD_ORDER = {"none": 0, "random": 1, "pool": 2, "tome": 3, "fastv": 4, "sparsevlm": 5, "visionzip": 9}
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(str(method), str(method))
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    return (_METHOD_ORDER.get(str(method), 8), str(method))

@@ -1,0 +1,374 @@
+"""Read a sweep's results directory (``RESULTS/runs/<run_id>/``) into tidy pandas frames.
+
+Nothing here writes: run folders are only read. Every folder under ``runs/`` becomes at least
+one row: complete runs one row per lmms-eval metric, failed and incomplete runs (no
+``run.json``, or a ``.<id>.partial-*`` folder) one row with ``status`` and ``error`` and no
+value, so a report can list them instead of dropping them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from visionzip_eval.budget import Budget
+from visionzip_eval.report.benchmarks import benchmark_key, metric_scale
+
+STATUS_OK, STATUS_FAILED, STATUS_INCOMPLETE = "ok", "failed", "incomplete"
+
+IDENTITY = ("model", "method", "budget", "task", "limit", "seed")
+
+# Columns of the tidy frame, in order (see README of the report module / the report's notes).
+COLUMNS = [
+    "run_id", "status", "error", "model", "pretrained", "method", "budget", "budget_total",
+    "task", "benchmark", "limit", "seed",
+    "metric", "filter", "value", "stderr", "scale", "score", "n_samples",
+    "visual_tokens", "tokens_per_image", "full_tokens_per_image", "token_ratio",
+    "requests", "warmup_requests", "failed_requests",
+    "vision_ms_median", "vision_ms_p90",
+    "prefill_ms_median", "prefill_ms_p90",
+    "ttft_ms_median", "ttft_ms_p90",
+    "decode_ms_per_token_median", "decode_ms_per_token_p90",
+    "total_ms_median", "total_ms_p90", "total_ms_sum",
+    "peak_memory_bytes_median", "peak_memory_bytes_max", "peak_memory_kind",
+    "prefill_flops_median", "vision_flops_median", "tflops_median",
+    "device", "dtype", "attn_implementation", "seconds", "path",
+]
+_EFFICIENCY_COLUMNS = COLUMNS[COLUMNS.index("requests"): COLUMNS.index("device")]
+
+REQUEST_COLUMNS = [
+    "run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "doc_id",
+    "visual_tokens", "images", "videos", "tokens_per_image", "prompt_tokens", "generated_tokens",
+    "vision_ms", "prefill_ms", "decode_ms", "decode_ms_per_token", "ttft_ms", "total_ms",
+    "peak_memory_bytes", "peak_memory_kind", "prefill_flops", "vision_flops",
+    "warmup", "error", "measured", "device",
+]
+
+
+@dataclass
+class Results:
+    """A results directory read once: ``frame`` (tidy, one row per run x metric) and
+    ``requests`` (one row per ``efficiency.jsonl`` line, with the run's identity)."""
+
+    root: Path
+    frame: pd.DataFrame
+    requests: pd.DataFrame
+
+    @property
+    def runs(self) -> pd.DataFrame:
+        """One row per run folder (metric columns dropped)."""
+        cols = [c for c in self.frame.columns if c not in ("metric", "filter", "value", "stderr", "scale", "score")]
+        return self.frame[cols].drop_duplicates("path").reset_index(drop=True)
+
+    @property
+    def problems(self) -> pd.DataFrame:
+        """Failed and incomplete runs: run_id, status, error, path."""
+        runs = self.runs
+        bad = runs[runs["status"] != STATUS_OK]
+        return bad[["run_id", "status", "model", "method", "budget", "task", "error", "path"]].reset_index(drop=True)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """Metric rows of complete, successful runs."""
+        return self.frame[(self.frame["status"] == STATUS_OK) & self.frame["metric"].notna()]
+
+
+def collect(results_dir: str | Path) -> pd.DataFrame:
+    """The tidy frame of a results directory (see :data:`COLUMNS`)."""
+    return load_results(results_dir).frame
+
+
+def runs_folder(results_dir: str | Path) -> Path:
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ValueError(f"results directory {root} does not exist")
+    runs = root / "runs"
+    if not runs.is_dir():
+        raise ValueError(
+            f"{root} has no runs/ folder: pass the directory given to `visionzip-eval sweep --output-dir`"
+        )
+    return runs
+
+
+def load_results(results_dir: str | Path) -> Results:
+    root = Path(results_dir)
+    runs = runs_folder(root)
+    records: list[dict] = []
+    request_frames: list[pd.DataFrame] = []
+    for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
+        parsed = _read_run_folder(folder)
+        if parsed is None:
+            continue
+        rows, requests = parsed
+        records.extend(rows)
+        if requests is not None and len(requests):
+            request_frames.append(requests)
+    if not records:
+        raise ValueError(f"no run folders under {runs}")
+    frame = pd.DataFrame.from_records(records)
+    for column in COLUMNS:
+        if column not in frame.columns:
+            frame[column] = np.nan
+    frame = frame[COLUMNS]
+    requests = (
+        pd.concat(request_frames, ignore_index=True) if request_frames else pd.DataFrame(columns=REQUEST_COLUMNS)
+    )
+    _add_full_token_counts(frame, requests)
+    return Results(root=root, frame=frame, requests=requests)
+
+
+# -- one run folder ------------------------------------------------------------------------------
+
+
+def _identity_from_id(run_id: str) -> dict:
+    """``model__method__budget__task__limit-X__seed-N`` (the sweep planner's run id)."""
+    parts = run_id.split("__")
+    identity: dict = {"model": None, "method": None, "budget": None, "task": None, "limit": None, "seed": None}
+    if len(parts) == 6:
+        identity.update(model=parts[0], method=parts[1], budget=parts[2], task=parts[3])
+        limit = parts[4].removeprefix("limit-")
+        identity["limit"] = None if limit == "all" else _to_int(limit)
+        identity["seed"] = _to_int(parts[5].removeprefix("seed-"))
+    return identity
+
+
+def _to_int(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _budget_total(label) -> float:
+    try:
+        total = Budget.parse(str(label)).total
+    except ValueError:
+        return math.nan
+    return math.nan if total is None else float(total)
+
+
+def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | None:
+    name = folder.name
+    if name.startswith("."):
+        if ".partial-" not in name:
+            return None  # ``.<id>.replaced-*``: an old attempt being swapped out, not a run
+        run_id = name[1: name.index(".partial-")]
+        status, error = STATUS_INCOMPLETE, "partial folder: the run was interrupted or is still running"
+        info = None
+    else:
+        run_id = name
+        info = _read_json(folder / "run.json")
+        if info is None:
+            status = STATUS_INCOMPLETE
+            error = (
+                "no run.json: the run was interrupted or is still running"
+                if not (folder / "run.json").exists()
+                else "run.json is unreadable (interrupted while writing?)"
+            )
+        else:
+            status = info.get("status")
+            error = info.get("error")
+            if status not in (STATUS_OK, STATUS_FAILED):
+                status, error = STATUS_FAILED, error or f"unknown run status {info.get('status')!r}"
+            if status == STATUS_FAILED and not error:
+                error = "failed (no error recorded)"
+
+    config = _read_config(folder)
+    identity = _identity_from_id(run_id)
+    identity.update({k: v for k, v in (config.get("run") or {}).items() if k in IDENTITY})
+    if info is not None:
+        identity.update({k: v for k, v in (info.get("identity") or {}).items() if k in IDENTITY})
+    identity["budget"] = None if identity["budget"] is None else str(identity["budget"])
+    model_cfg = config.get("model") or {}
+
+    base = dict(
+        run_id=str((info or {}).get("run_id") or run_id),
+        status=status,
+        error=error,
+        **identity,
+        pretrained=model_cfg.get("pretrained"),
+        budget_total=_budget_total(identity["budget"]),
+        benchmark=benchmark_key(identity["task"]) if identity["task"] else None,
+        device=(info or {}).get("device") or config.get("device"),
+        dtype=model_cfg.get("dtype"),
+        attn_implementation=model_cfg.get("attn_implementation"),
+        seconds=(info or {}).get("seconds"),
+        path=str(folder),
+    )
+
+    requests = _read_requests(folder / "efficiency.jsonl")
+    if requests is not None:
+        for key in ("run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "device"):
+            if key == "task":
+                continue  # a request knows its own task (a group run has several)
+            requests[key] = base[key]
+        if base["task"] and requests["task"].isna().all():
+            requests["task"] = base["task"]
+        requests["benchmark"] = requests["task"].map(lambda t: benchmark_key(t) if isinstance(t, str) else None)
+        requests = requests.reindex(columns=REQUEST_COLUMNS)
+    base.update(_efficiency_aggregates(requests, (info or {}).get("efficiency") or {}))
+
+    if status != STATUS_OK:
+        return [base], requests
+
+    metrics = dict(info.get("metrics") or {})
+    results = _latest_results(folder / "lmms_eval")
+    task_results, n_samples = {}, math.nan
+    if results is not None:
+        task_results = (results.get("results") or {}).get(identity["task"]) or {}
+        effective = ((results.get("n-samples") or {}).get(identity["task"]) or {}).get("effective")
+        n_samples = float(effective) if isinstance(effective, (int, float)) else math.nan
+        if not metrics:
+            metrics = {
+                k: v for k, v in task_results.items()
+                if k != "alias" and "_stderr" not in k and _is_number(v)
+            }
+    base["n_samples"] = n_samples
+    rows = []
+    for key, value in metrics.items():
+        name, _, filt = key.partition(",")
+        stderr = task_results.get(f"{name}_stderr,{filt or 'none'}")
+        if not _is_number(stderr):  # "N/A" without bootstrap: lmms-eval's CLT estimate instead
+            stderr = task_results.get(f"{name}_stderr_clt,{filt or 'none'}")
+        value = float(value) if _is_number(value) else math.nan
+        scale = metric_scale(name)
+        rows.append(dict(
+            base, metric=name, filter=filt or "none", value=value,
+            stderr=float(stderr) if _is_number(stderr) else math.nan,
+            scale=scale, score=value * scale,
+        ))
+    if not rows:
+        rows.append(dict(base, status=STATUS_FAILED, error="run.json says ok but holds no metric"))
+    return rows, requests
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _latest_results(folder: Path) -> dict | None:
+    files = sorted(folder.glob("*_results.json")) if folder.is_dir() else []
+    for path in reversed(files):  # names start with the date: last is newest
+        data = _read_json(path)
+        if data is not None:
+            return data
+    return None
+
+
+def _read_requests(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed run
+    if not rows:
+        return None
+    frame = pd.DataFrame.from_records(rows)
+    for column in REQUEST_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = np.nan
+    frame["warmup"] = frame["warmup"].fillna(False).astype(bool)
+    frame["error"] = frame["error"].where(frame["error"].notna(), None)
+    frame["measured"] = ~frame["warmup"] & frame["error"].isna()
+    numeric = ["visual_tokens", "images", "videos", "tokens_per_image", "prompt_tokens", "generated_tokens",
+               "vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms", "peak_memory_bytes",
+               "prefill_flops", "vision_flops"]
+    for column in numeric:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    per_image = frame["visual_tokens"] / frame["images"].where(frame["images"] > 0)
+    frame["tokens_per_image"] = per_image.fillna(frame["tokens_per_image"])
+    # decode_ms spans the forwards after prefill: one per generated token after the first.
+    steps = (frame["generated_tokens"] - 1).where(frame["generated_tokens"] > 1)
+    frame["decode_ms_per_token"] = frame["decode_ms"] / steps
+    return frame
+
+
+def _stat(values: pd.Series, q: float | None) -> float:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return math.nan
+    return float(values.median() if q is None else np.percentile(values.to_numpy(dtype=float), q))
+
+
+def _efficiency_aggregates(requests: pd.DataFrame | None, medians: dict) -> dict:
+    """Medians and 90th percentiles over measured requests (warm-up and failed ones left out,
+    failed ones counted); falls back to run.json's medians when efficiency.jsonl is missing."""
+    out = {c: math.nan for c in _EFFICIENCY_COLUMNS}
+    out["peak_memory_kind"] = None
+    if requests is None or requests.empty:
+        for key in ("requests", "warmup_requests", "failed_requests"):
+            if _is_number(medians.get(key)):
+                out[key] = float(medians[key])
+        for key in ("vision_ms", "prefill_ms", "ttft_ms", "total_ms", "peak_memory_bytes",
+                    "prefill_flops"):
+            if _is_number(medians.get(f"median_{key}")):
+                out[f"{key}_median"] = float(medians[f"median_{key}"])
+        if _is_number(medians.get("median_visual_tokens")):
+            out["visual_tokens"] = float(medians["median_visual_tokens"])
+        return out
+    measured = requests[requests["measured"]]
+    out["requests"] = float(len(requests))
+    out["warmup_requests"] = float(requests["warmup"].sum())
+    out["failed_requests"] = float(requests["error"].notna().sum())
+    counted = measured if len(measured) else requests[requests["error"].isna()]
+    out["visual_tokens"] = _stat(counted["visual_tokens"], None)
+    out["tokens_per_image"] = _stat(counted["tokens_per_image"], None)
+    for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "total_ms"):
+        out[f"{key}_median"] = _stat(measured[key], None)
+        out[f"{key}_p90"] = _stat(measured[key], 90)
+    out["total_ms_sum"] = float(measured["total_ms"].sum()) if len(measured) else math.nan
+    out["peak_memory_bytes_median"] = _stat(measured["peak_memory_bytes"], None)
+    out["peak_memory_bytes_max"] = float(measured["peak_memory_bytes"].max()) if len(measured) else math.nan
+    kinds = requests["peak_memory_kind"].dropna()
+    out["peak_memory_kind"] = str(kinds.mode().iloc[0]) if len(kinds) else None
+    out["prefill_flops_median"] = _stat(measured["prefill_flops"], None)
+    out["vision_flops_median"] = _stat(measured["vision_flops"], None)
+    flops = measured["prefill_flops"].fillna(0) + measured["vision_flops"].fillna(0)
+    out["tflops_median"] = _stat(flops[measured["prefill_flops"].notna()] / 1e12, None)
+    return out
+
+
+def _add_full_token_counts(frame: pd.DataFrame, requests: pd.DataFrame) -> None:
+    """The model's unreduced visual tokens per image, from its full-budget runs' requests,
+    and every run's ratio to it (in place)."""
+    full = {}
+    if len(requests):
+        full_rows = requests[(requests["budget"] == "full") & requests["error"].isna()]
+        for model, rows in full_rows.groupby("model"):
+            value = _stat(rows["tokens_per_image"], None)
+            if not math.isnan(value):
+                full[model] = value
+    for model in frame["model"].dropna().unique():
+        if model not in full:
+            ok_full = frame[(frame["model"] == model) & (frame["budget"] == "full")]
+            value = _stat(ok_full["tokens_per_image"], None)
+            if not math.isnan(value):
+                full[model] = value
+    frame["full_tokens_per_image"] = frame["model"].map(full).astype(float)
+    frame["token_ratio"] = frame["tokens_per_image"] / frame["full_tokens_per_image"]

@@ -1,0 +1,375 @@
+"""Report figures (matplotlib, no pyplot state: ``Figure`` objects saved as PNG and PDF).
+
+- ``retention``: score retention (% of the full-budget score) vs visual tokens, per benchmark
+  (plus the average), with the paper's points when the model is the paper's;
+- ``pareto``: average retention vs median prefill latency, with the Pareto front;
+- ``memory``: peak memory vs visual tokens;
+- ``latency``: per-request prefill and end-to-end latency distributions by budget.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator
+
+from visionzip_eval.report import benchmarks as B
+from visionzip_eval.report.collect import Results
+from visionzip_eval.report.paper import PAPER_MARK, paper_rows
+from visionzip_eval.report.tables import TableOptions, _is_video, score_cells
+
+_METHOD_COLORS = {"none": "#1f1f1f", "visionzip": "#2ca02c", "random": "#d62728", "pool": "#ff7f0e",
+                  "fastv": "#9467bd", "sparsevlm": "#8c564b", "tome": "#e377c2"}
+_COLORS = ["#1f77b4", "#17becf", "#bcbd22", "#7f7f7f", "#aec7e8", "#ff9896"]
+_MARKERS = ["o", "s", "^", "D", "v", "P"]
+SCALE_MAX = {"MME": 2000.0}
+
+
+def _save(fig: Figure, directory: Path, stem: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = directory / f"{stem}.{ext}"
+        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def _style(methods: list[str]) -> dict[str, str]:
+    """A fixed colour per known method (same in every figure), others from a palette."""
+    others = [m for m in sorted(set(methods), key=B.method_sort_key) if m not in _METHOD_COLORS]
+    colors = {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(others)}
+    return {**_METHOD_COLORS, **colors}
+
+
+def _series_label(model: str, method: str, many_models: bool) -> str:
+    name = B.method_name(method)
+    return f"{model}: {name}" if many_models else name
+
+
+def _token_axis(ax, ticks: list[float]) -> None:
+    ticks = sorted({int(round(t)) for t in ticks if t and not math.isnan(t)})
+    if not ticks:
+        return
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlim(ticks[0] / 1.25, ticks[-1] * 1.25)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def _cell_means(results: Results, options: TableOptions) -> pd.DataFrame:
+    """Mean score and median tokens per image for each (model, method, budget, benchmark)."""
+    cells = score_cells(results, options)
+    if cells.empty:
+        return cells
+    grouped = cells.groupby(["model", "pretrained", "method", "budget", "benchmark"], dropna=False, sort=False)
+    means = grouped.agg(score=("score", "mean"), tokens=("tokens_per_image", "median"),
+                        budget_total=("budget_total", "first")).reset_index()
+    full = means[means["budget"] == "full"].groupby(["model", "benchmark"])["score"].mean()
+    means["full_score"] = [full.get((m, b), math.nan) for m, b in zip(means["model"], means["benchmark"])]
+    ok = means["full_score"].notna() & (means["full_score"] != 0)
+    means["retention"] = np.where(ok, 100 * means["score"] / means["full_score"].where(ok), np.nan)
+    means["tokens"] = means["tokens"].fillna(means["budget_total"])
+    return means
+
+
+def _image_requests(results: Results) -> pd.DataFrame:
+    reqs = results.requests
+    if reqs.empty:
+        return reqs
+    measured = reqs[reqs["measured"]]
+    images = measured[~_is_video(measured)]
+    return images if len(images) else measured
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+
+def plot_retention(results: Results, directory: Path, options: TableOptions = TableOptions()) -> list[Path]:
+    means = _cell_means(results, options)
+    benches = sorted(means["benchmark"].dropna().unique(), key=B.sort_key) if len(means) else []
+    panels = (["Avg"] if len(benches) > 1 else []) + list(benches)
+    n = max(1, len(panels))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.6 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    if not panels:
+        _empty(axes[0], "no complete runs: nothing to plot")
+    many = means["model"].nunique() > 1 if len(means) else False
+    colors = _style(list(means["method"].unique()) + ["none"]) if len(means) else {}
+    handles = {}
+    for ax, panel in zip(axes, panels):
+        ticks = []
+        plotted = False
+        use_retention = True
+        if panel != "Avg":
+            data = means[means["benchmark"] == panel]
+            use_retention = data["retention"].notna().any()
+        for mi, (model, mdata) in enumerate(means.groupby("model", sort=True)):
+            if panel == "Avg":
+                data = _avg_retention(mdata)
+                if data.empty:
+                    continue
+                value = "retention"
+            else:
+                data = mdata[mdata["benchmark"] == panel]
+                value = "retention" if use_retention else "score"
+            full = data[data["budget"] == "full"]
+            for method, sub in data[data["budget"] != "full"].groupby("method"):
+                sub = pd.concat([sub, full]).sort_values("tokens")
+                sub = sub[sub[value].notna()]
+                if sub.empty:
+                    continue
+                label = _series_label(model, method, many)
+                (line,) = ax.plot(sub["tokens"], sub[value], marker=_MARKERS[mi % len(_MARKERS)],
+                                  color=colors.get(method), label=label)
+                handles.setdefault(label, line)
+                ticks += sub["tokens"].tolist()
+                plotted = True
+            if len(full) and full[value].notna().any():
+                label = _series_label(model, "none", many) + " (full, upper bound)"
+                (point,) = ax.plot(full["tokens"], full[value], linestyle="none", marker="*", markersize=12,
+                                   color="black", label=label)
+                handles.setdefault(label, point)
+                ticks += full["tokens"].tolist()
+                plotted = True
+            # the paper's points, when this is the paper's model
+            if options.paper and use_retention:
+                ticks += _paper_points(ax, mdata, panel, handles, colors)
+        if not plotted:
+            _empty(ax, "no retention to plot:\nfull-budget scores are 0 or missing")
+            ax.set_title("Average over benchmarks" if panel == "Avg" else panel, fontsize=10)
+            continue
+        ax.set_title(
+            ("Average over benchmarks" if panel == "Avg" else (B.get(panel).name if B.get(panel) else panel))
+            + ("" if use_retention else "\n(raw score: the full-budget score is 0)"),
+            fontsize=10,
+        )
+        ax.set_xlabel("visual tokens per image (log scale)")
+        if use_retention:
+            ax.set_ylabel("score retained (% of full-budget score)")
+            ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
+        else:
+            unit = "points" if panel == "MME" else "%"
+            ax.set_ylabel(f"score ({unit})")
+        ax.grid(True, alpha=0.3)
+        _token_axis(ax, ticks)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
+                   ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle("Score retention vs. visual tokens (each benchmark relative to the same model at full tokens)",
+                 fontsize=11)
+    return _save(fig, directory, "retention")
+
+
+def _avg_retention(mdata: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    benches = mdata["benchmark"].nunique()
+    for (method, budget), sub in mdata.groupby(["method", "budget"]):
+        values = sub["retention"].dropna()
+        if len(values) and len(values) == benches:
+            rows.append(dict(method=method, budget=budget, tokens=sub["tokens"].median(),
+                             retention=values.mean(), score=math.nan))
+    return pd.DataFrame(rows)
+
+
+def _paper_points(ax, mdata: pd.DataFrame, panel: str, handles: dict, colors: dict) -> list[float]:
+    pretrained = mdata["pretrained"].dropna()
+    paper = paper_rows(pretrained.iloc[0] if len(pretrained) else None)
+    if paper.empty:
+        return []
+    vanilla = paper[paper["budget"] == "full"]
+    if vanilla.empty:
+        return []
+    benches = [b for b in mdata["benchmark"].unique() if b in paper.columns]
+    if panel != "Avg" and panel not in benches:
+        return []
+    keys = benches if panel == "Avg" else [panel]
+    if not keys:
+        return []
+    ticks = []
+    for method, sub in paper.groupby("method"):
+        xs, ys = [], []
+        for _, row in pd.concat([sub, vanilla]).drop_duplicates().iterrows():
+            ratios = [row[k] / vanilla.iloc[0][k] for k in keys
+                      if not pd.isna(row[k]) and not pd.isna(vanilla.iloc[0][k]) and vanilla.iloc[0][k]]
+            if len(ratios) == len(keys):
+                xs.append(float(row["tokens"]))
+                ys.append(100 * float(np.mean(ratios)))
+        if not xs or method == "none":
+            continue
+        order = np.argsort(xs)
+        label = f"{B.method_name(method)} (paper{PAPER_MARK}, approx.)"
+        (line,) = ax.plot(np.array(xs)[order], np.array(ys)[order], linestyle="--", marker="o",
+                          markerfacecolor="none", color=colors.get(method, "grey"), alpha=0.8, label=label)
+        handles.setdefault(label, line)
+        ticks += xs
+    return ticks
+
+
+def plot_pareto(results: Results, directory: Path, options: TableOptions = TableOptions()) -> list[Path]:
+    means = _cell_means(results, options)
+    reqs = _image_requests(results)
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    points = []
+    retention_ok = True
+    if len(means) and len(reqs):
+        latency = reqs.groupby(["model", "method", "budget"])["prefill_ms"].median()
+        for (model, method, budget), sub in means.groupby(["model", "method", "budget"]):
+            if (model, method, budget) not in latency.index:
+                continue
+            benches = means[means["model"] == model]["benchmark"].nunique()
+            have = int(sub["retention"].notna().sum())
+            y = float(sub["retention"].mean()) if have else math.nan
+            scaled = [s / SCALE_MAX[b] * 100 if b in SCALE_MAX else s for s, b in zip(sub["score"], sub["benchmark"])]
+            points.append(dict(model=model, method=method, budget=budget, x=float(latency[(model, method, budget)]),
+                               y=y, y_raw=float(np.nanmean(scaled)) if scaled else math.nan,
+                               tokens=float(sub["tokens"].median()), have=have, benches=benches))
+    frame = pd.DataFrame(points)
+    if len(frame):
+        # retention needs non-zero full-budget scores; without any, fall back to the raw mean score
+        retention_ok = bool(frame["y"].notna().any())
+    if frame.empty:
+        _empty(ax, "no complete runs with efficiency data: nothing to plot")
+    else:
+        value = "y" if retention_ok else "y_raw"
+        colors = _style(list(frame["method"]))
+        many = frame["model"].nunique() > 1
+        for mi, (model, mframe) in enumerate(frame.groupby("model")):
+            for method, sub in mframe.groupby("method"):
+                ax.scatter(sub["x"], sub[value], s=60, color=colors[method], marker=_MARKERS[mi % len(_MARKERS)],
+                           label=_series_label(model, method, many), zorder=3)
+            for k, (_, p) in enumerate(mframe.sort_values("x").iterrows()):
+                tag = "full" if p["budget"] == "full" else f"{int(round(p['tokens']))} tokens"
+                if retention_ok and 0 < p["have"] < p["benches"]:
+                    tag += f" ({int(p['have'])} of {int(p['benches'])} benchmarks)"
+                ax.annotate(tag, (p["x"], p[value]), textcoords="offset points",
+                            xytext=(4, 6 if k % 2 == 0 else -12), fontsize=8)
+            front = _pareto_front(mframe, value)
+            if len(front) > 1:
+                ax.step(front["x"], front[value], where="post", color="black", linewidth=1, alpha=0.6,
+                        linestyle="--", label=f"{model}: Pareto front" if many else "Pareto front", zorder=2)
+        ax.set_xlabel("median LLM prefill latency per request (ms)" + (" (image tasks)" if len(reqs) else ""))
+        ax.set_ylabel("average score retained (% of full-budget score)" if retention_ok
+                      else "mean score (% of each benchmark's maximum)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    title = "Accuracy vs. prefill latency (upper left is better)"
+    if not frame.empty and not retention_ok:
+        title += "\nretention undefined (a full-budget score is 0): raw mean score shown"
+    ax.set_title(title, fontsize=11)
+    return _save(fig, directory, "pareto")
+
+
+def _pareto_front(frame: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Points no other point beats on both latency (lower) and score (higher)."""
+    ordered = frame.dropna(subset=["x", value]).sort_values(["x", value], ascending=[True, False])
+    best, keep = -math.inf, []
+    for index, row in ordered.iterrows():
+        if row[value] > best:
+            keep.append(index)
+            best = row[value]
+    return ordered.loc[keep]
+
+
+def plot_memory(results: Results, directory: Path) -> list[Path]:
+    reqs = _image_requests(results)
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    ax = fig.subplots()
+    kinds = set(reqs["peak_memory_kind"].dropna()) if len(reqs) else set()
+    if reqs.empty or reqs["peak_memory_bytes"].notna().sum() == 0:
+        _empty(ax, "no memory measurements: nothing to plot")
+    else:
+        colors = _style(list(reqs["method"].unique()) + ["none"])
+        many = reqs["model"].nunique() > 1
+        ticks = []
+        for mi, (model, mreqs) in enumerate(reqs.groupby("model")):
+            agg = mreqs.groupby(["method", "budget"]).agg(
+                tokens=("tokens_per_image", "median"), peak=("peak_memory_bytes", "median"),
+                low=("peak_memory_bytes", "min"), high=("peak_memory_bytes", "max")).reset_index()
+            agg[["peak", "low", "high"]] = agg[["peak", "low", "high"]] / 2**30
+            full = agg[agg["budget"] == "full"]
+            for method, sub in agg[agg["budget"] != "full"].groupby("method"):
+                sub = pd.concat([sub, full]).sort_values("tokens")
+                ax.errorbar(sub["tokens"], sub["peak"], yerr=[sub["peak"] - sub["low"], sub["high"] - sub["peak"]],
+                            marker=_MARKERS[mi % len(_MARKERS)], capsize=3, color=colors[method],
+                            label=_series_label(model, method, many))
+            if len(full):
+                ax.plot(full["tokens"], full["peak"], linestyle="none", marker="*", markersize=12, color="black",
+                        label=_series_label(model, "none", many) + " (full)")
+            ticks += agg["tokens"].tolist()
+        _token_axis(ax, ticks)
+        ax.set_xlabel("visual tokens per image (log scale)")
+        what = {"cuda_max_allocated": "CUDA allocator peak", "process_peak_rss": "process peak RSS"}
+        ax.set_ylabel("peak memory per request (GiB; median, bars: min-max)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        kind_text = ", ".join(what.get(k, k) for k in sorted(kinds)) or "unknown kind"
+        subtitle = f"memory measured as: {kind_text}"
+        if "process_peak_rss" in kinds:
+            subtitle += " (grows over a process: not comparable across runs sharing one)"
+        ax.set_title("Peak memory vs. visual tokens\n" + subtitle, fontsize=10)
+    if not ax.get_title():
+        ax.set_title("Peak memory vs. visual tokens", fontsize=10)
+    return _save(fig, directory, "memory")
+
+
+def plot_latency(results: Results, directory: Path) -> list[Path]:
+    reqs = _image_requests(results)
+    models = sorted(reqs["model"].unique()) if len(reqs) else []
+    fig = Figure(figsize=(11, 3.8 * max(1, len(models)) + 0.4), layout="constrained")
+    axes = fig.subplots(max(1, len(models)), 2, squeeze=False)
+    if not models:
+        _empty(axes[0][0], "no measured requests: nothing to plot")
+        axes[0][1].set_visible(False)
+    for row, model in enumerate(models):
+        mreqs = reqs[reqs["model"] == model]
+        totals = mreqs.groupby(["method", "budget"])["budget_total"].first()
+        keys = sorted(
+            ((m, b, totals[(m, b)]) for m, b in totals.index),
+            key=lambda k: (-(math.inf if k[1] == "full" else (k[2] if not pd.isna(k[2]) else -1)),
+                           B.method_sort_key(k[0])),
+        )
+        labels = [("Vanilla\nfull" if b == "full" else f"{B.method_name(m)}\n{b}") for m, b, _ in keys]
+        for col, (field, name) in enumerate([("prefill_ms", "LLM prefill"), ("total_ms", "end-to-end")]):
+            ax = axes[row][col]
+            data = [mreqs[(mreqs["method"] == m) & (mreqs["budget"] == b)][field].dropna().to_numpy()
+                    for m, b, _ in keys]
+            ax.boxplot(data, tick_labels=labels, showfliers=True, patch_artist=True,
+                       boxprops=dict(facecolor="#c6dbef"), medianprops=dict(color="#d62728"))
+            ax.set_ylabel(f"{name} latency (ms)")
+            ax.set_xlabel("method and visual-token budget (tokens per image)")
+            ax.set_title(f"{model}: {name} latency per request\n({len(mreqs)} requests of image tasks, "
+                         "warm-up and failed ones excluded)", fontsize=10)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("Per-request latency distribution by budget (box: quartiles, red: median, whiskers: 1.5 IQR)",
+                 fontsize=11)
+    return _save(fig, directory, "latency")
+
+
+def write_plots(results: Results, directory: Path, options: TableOptions = TableOptions()) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    paths += plot_retention(results, directory, options)
+    paths += plot_pareto(results, directory, options)
+    paths += plot_memory(results, directory)
+    paths += plot_latency(results, directory)
+    return paths

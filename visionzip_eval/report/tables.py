@@ -1,0 +1,429 @@
+"""The paper-layout tables: scores (grouped by budget, one row per method, ``Avg`` retention)
+and efficiency (tokens, latency, memory, FLOPs, speed-up vs full). Built as :class:`TableBlock`
+objects that ``render`` turns into Markdown, LaTeX and CSV.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from visionzip_eval.report import benchmarks as B
+from visionzip_eval.report.collect import Results
+from visionzip_eval.report.paper import (
+    MME_NOTE, PAPER_MARK, PAPER_NOTE, paper_efficiency_rows, paper_rows,
+)
+
+POPE_METRICS = {"f1": "pope_f1_score", "accuracy": "pope_accuracy"}
+MME_MODES = ("perception", "total")
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """``pope_metric``: ``f1`` (the lmms-eval/LLaVA convention) or ``accuracy``;
+    ``mme``: ``perception`` (0-2000) or ``total`` (perception + cognition, 0-2800, the paper's
+    apparent convention); ``paper``: show the paper's rows when the model matches."""
+
+    pope_metric: str = "f1"
+    mme: str = "perception"
+    paper: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pope_metric not in POPE_METRICS:
+            raise ValueError(f"pope_metric must be one of {sorted(POPE_METRICS)}, got {self.pope_metric!r}")
+        if self.mme not in MME_MODES:
+            raise ValueError(f"mme must be one of {list(MME_MODES)}, got {self.mme!r}")
+
+
+@dataclass
+class Column:
+    key: str
+    header: str
+    fmt: str  # score_pct, score_pts, avg, delta, int, ms, gib, tflops, speedup, seconds
+    better: str | None = None  # "max", "min" or None (never bold)
+
+
+@dataclass
+class TableBlock:
+    """One table: ``frame`` has ``group`` (header text), ``label``, ``source`` (measured /
+    paper) and one column per :class:`Column`; ``bold`` holds (row position, column key)."""
+
+    title: str
+    frame: pd.DataFrame
+    columns: list[Column]
+    notes: list[str] = field(default_factory=list)
+    bold: set[tuple[int, str]] = field(default_factory=set)
+    csv_extra: list[str] = field(default_factory=list)  # identity columns written to the CSV
+
+
+# -- scores ----------------------------------------------------------------------------------------
+
+
+def _scale_text(key: str, options: TableOptions) -> str:
+    bench = B.get(key)
+    name = bench.name if bench else key
+    if key == "MME":
+        text = ("perception + cognition score, points (0-2800)" if options.mme == "total"
+                else "perception score, points (0-2000)")
+    elif key == "POPE":
+        text = "F1, %" if options.pope_metric == "f1" else "accuracy, %"
+    else:
+        text = bench.scale_text if bench else "its first metric, as lmms-eval reports it"
+    return f"{name} {text}"
+
+
+def _pick(metrics: dict[str, float], bench_key: str, options: TableOptions) -> tuple[float, str | None]:
+    """The table's score for one run: (score on the report scale, metric name)."""
+    if bench_key == "MME":
+        perception = metrics.get("mme_perception_score")
+        if options.mme == "total":
+            cognition = metrics.get("mme_cognition_score")
+            if perception is None or cognition is None:
+                return math.nan, None
+            return perception + cognition, "mme_perception_score+mme_cognition_score"
+        return (math.nan, None) if perception is None else (perception, "mme_perception_score")
+    if bench_key == "POPE":
+        name = POPE_METRICS[options.pope_metric]
+        return (metrics[name], name) if name in metrics else (math.nan, None)
+    bench = B.get(bench_key)
+    names = bench.metrics if bench else tuple(metrics)
+    for name in names:
+        if name in metrics:
+            return metrics[name], name
+    return math.nan, None
+
+
+def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.DataFrame:
+    """One row per complete run: model, method, budget, budget_total, benchmark, seed,
+    tokens_per_image, metric (the one the table uses), score (report scale)."""
+    ok = results.ok
+    rows = []
+    for _, run in ok.groupby("path", sort=False):
+        first = run.iloc[0]
+        metrics = dict(zip(run["metric"], run["score"]))
+        score, metric = _pick(metrics, first["benchmark"], options)
+        rows.append(dict(
+            run_id=first["run_id"], model=first["model"], pretrained=first["pretrained"],
+            method=first["method"], budget=first["budget"], budget_total=first["budget_total"],
+            task=first["task"], benchmark=first["benchmark"], seed=first["seed"],
+            tokens_per_image=first["tokens_per_image"], full_tokens_per_image=first["full_tokens_per_image"],
+            metric=metric, score=score,
+        ))
+    return pd.DataFrame(rows)
+
+
+def _group_key(budget: str, budget_total: float) -> float:
+    return math.inf if budget == "full" else float(budget_total) if not pd.isna(budget_total) else -1.0
+
+
+def _group_title(tokens: float, full: float, is_full: bool) -> str:
+    t = "?" if pd.isna(tokens) else f"{int(round(tokens))}"
+    if is_full:
+        return f"Upper bound, {t} tokens (100%)"
+    if pd.isna(full) or pd.isna(tokens) or full <= 0:
+        return f"Retain {t} tokens"
+    return f"Retain {t} tokens (↓ {100 * (1 - tokens / full):.1f}%)"
+
+
+def _avg(scores: dict[str, float], full: dict[str, float], keys: list[str]) -> tuple[float, int]:
+    """Mean of score / full-budget score over ``keys`` (in %), and how many entered it."""
+    ratios = [
+        scores[k] / full[k] for k in keys
+        if not pd.isna(scores.get(k, math.nan)) and not pd.isna(full.get(k, math.nan)) and full[k] != 0
+    ]
+    return (100 * float(np.mean(ratios)) if ratios else math.nan), len(ratios)
+
+
+def _row_label(method: str, budget: str, budget_total: float) -> str:
+    name = B.method_name(method)
+    if budget != "full" and not pd.isna(budget_total) and budget != str(int(budget_total)):
+        name += f" ({budget})"
+    return name
+
+
+def score_tables(results: Results, options: TableOptions = TableOptions()) -> list[TableBlock]:
+    """One block per model, in the paper's layout."""
+    cells = score_cells(results, options)
+    if cells.empty:
+        return []
+    blocks = []
+    for model, mcells in cells.groupby("model", sort=True):
+        blocks.append(_model_score_table(model, mcells, options))
+    return blocks
+
+
+def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -> TableBlock:
+    pretrained = cells["pretrained"].dropna().iloc[0] if cells["pretrained"].notna().any() else None
+    bench_keys = sorted(cells["benchmark"].dropna().unique(), key=B.sort_key)
+    full_tokens = cells["full_tokens_per_image"].dropna()
+    full_tokens = float(full_tokens.iloc[0]) if len(full_tokens) else math.nan
+
+    mean = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].mean()
+    counts = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].size()
+    full_cells = cells[cells["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
+
+    groups: dict[float, dict] = {}
+    for (method, budget), rows in cells.groupby(["method", "budget"], sort=False):
+        total = rows["budget_total"].iloc[0]
+        key = _group_key(budget, total)
+        group = groups.setdefault(key, dict(rows=[], tokens=[], is_full=budget == "full", total=total))
+        group["tokens"].extend(rows["tokens_per_image"].dropna().tolist())
+        scores = {b: float(mean.get((method, budget, b), math.nan)) for b in bench_keys}
+        group["rows"].append(dict(method=method, budget=budget, budget_total=total, scores=scores))
+
+    paper = paper_rows(pretrained) if options.paper else paper_rows(None)
+    paper_full = {}
+    if len(paper):
+        vanilla = paper[paper["budget"] == "full"]
+        if len(vanilla):
+            paper_full = {b: vanilla.iloc[0].get(b, math.nan) for b in bench_keys}
+
+    records, bold = [], set()
+    partial_rows: list[str] = []
+    for key in sorted(groups, reverse=True):
+        group = groups[key]
+        tokens = float(np.median(group["tokens"])) if group["tokens"] else (
+            full_tokens if group["is_full"] else group["total"])
+        title = _group_title(tokens, full_tokens, group["is_full"])
+        start = len(records)
+        measured = sorted(group["rows"], key=lambda r: (B.method_sort_key(r["method"]), str(r["budget"])))
+        group_paper = []
+        if len(paper):
+            label = "full" if group["is_full"] else None
+            match = paper[paper["budget"] == label] if label else paper[
+                pd.to_numeric(paper["budget"], errors="coerce") == group["total"]]
+            group_paper = [r for _, r in match.iterrows()]
+        for row in measured:
+            avg, used = _avg(row["scores"], full_cells, bench_keys)
+            if 0 < used < len(bench_keys) and not all(
+                    pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in bench_keys):
+                missing = [b for b in bench_keys if pd.isna(row["scores"][b])]
+                if missing:
+                    partial_rows.append(f"{_row_label(row['method'], row['budget'], row['budget_total'])} at "
+                                        f"{row['budget']} (no {', '.join(missing)})")
+            delta = math.nan
+            for prow in group_paper:
+                if prow["method"] == row["method"] and not group["is_full"]:
+                    common = [b for b in bench_keys if not pd.isna(prow.get(b, math.nan))]
+                    ours, n_ours = _avg(row["scores"], full_cells, common)
+                    theirs, n_theirs = _avg({b: prow[b] for b in common}, paper_full, common)
+                    if common and n_ours == n_theirs == len(common):
+                        delta = ours - theirs
+            records.append(dict(
+                model=model, pretrained=pretrained, group=title, tokens=tokens,
+                token_ratio=tokens / full_tokens if full_tokens else math.nan,
+                method=row["method"], budget=row["budget"], source="measured",
+                label=_row_label(row["method"], row["budget"], row["budget_total"]),
+                **{b: row["scores"][b] for b in bench_keys}, Avg=avg, delta=delta,
+            ))
+        for prow in group_paper:
+            scores = {b: float(prow[b]) if b in prow and not pd.isna(prow[b]) else math.nan for b in bench_keys}
+            common = [b for b in bench_keys if not pd.isna(scores[b])]
+            if common:
+                avg, _ = _avg(scores, paper_full, common)
+                label = f"{B.method_name(prow['method'])} (paper{PAPER_MARK})"
+            else:
+                avg = float(prow["avg_reported"]) if not pd.isna(prow["avg_reported"]) else math.nan
+                label = f"{B.method_name(prow['method'])} (paper{PAPER_MARK}, reported Avg)"
+            records.append(dict(
+                model=model, pretrained=pretrained, group=title, tokens=float(prow["tokens"]),
+                token_ratio=float(prow["tokens"]) / full_tokens if full_tokens else math.nan,
+                method=prow["method"], budget=prow["budget"], source="paper", label=label,
+                **scores, Avg=avg, delta=math.nan,
+            ))
+        # best per column within the group, among measured reduced rows (the paper's convention)
+        candidates = [i for i in range(start, len(records))
+                      if records[i]["source"] == "measured" and records[i]["budget"] != "full"]
+        if len(candidates) >= 2:
+            for column in [*bench_keys, "Avg"]:
+                values = {i: records[i][column] for i in candidates if not pd.isna(records[i][column])}
+                if len(set(values.values())) >= 2:
+                    best = max(values.values())
+                    bold |= {(i, column) for i, v in values.items() if v == best}
+
+    frame = pd.DataFrame(records)
+    columns = [
+        Column(b, B.get(b).name if B.get(b) else b, "score_pts" if b == "MME" else "score_pct", "max")
+        for b in bench_keys
+    ]
+    columns.append(Column("Avg", "Avg", "avg", "max"))
+    has_paper = (frame["source"] == "paper").any()
+    if has_paper:
+        columns.append(Column("delta", "Δ Avg vs paper (pp)", "delta", None))
+
+    notes = ["Scales: " + "; ".join(_scale_text(b, options) for b in bench_keys) + "."]
+    notes.append(
+        "Avg: mean over the benchmarks of score / the same model's full-budget score, in %; "
+        "'–' where a full-budget score is 0 or missing (retention is undefined)."
+        if any(pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in bench_keys)
+        else "Avg: mean over the benchmarks of score / the same model's full-budget score, in %."
+    )
+    if partial_rows:
+        notes.append("Avg over the benchmarks present only: " + "; ".join(partial_rows) + ".")
+    if (counts > 1).any():
+        notes.append(f"Cells are means over runs (seeds): up to {int(counts.max())} per cell.")
+    notes.append("Bold (LaTeX, Markdown): best per column within a budget group among measured reduced rows.")
+    if has_paper:
+        notes.append(PAPER_NOTE)
+        notes.append(
+            "Δ Avg vs paper: this row's Avg minus the paper's, both over the benchmarks the paper reports "
+            "among those shown, in percentage points."
+        )
+        if "MME" in bench_keys and options.mme == "perception":
+            notes.append(MME_NOTE)
+    title = f"{model}" + (f" ({pretrained})" if pretrained and pretrained != model else "")
+    return TableBlock(
+        title=title, frame=frame, columns=columns, notes=notes, bold=bold,
+        csv_extra=["model", "pretrained", "group", "tokens", "token_ratio", "method", "budget", "source", "label"],
+    )
+
+
+# -- efficiency ------------------------------------------------------------------------------------
+
+EFFICIENCY_COLUMNS = [
+    Column("tokens", "Visual tokens", "int", None),
+    Column("prefill_p50", "Prefill ms p50", "ms", "min"),
+    Column("prefill_p90", "Prefill ms p90", "ms", "min"),
+    Column("ttft_p50", "TTFT ms p50", "ms", "min"),
+    Column("decode_per_token_p50", "Decode ms/token p50", "ms", "min"),
+    Column("e2e_p50", "End-to-end ms p50", "ms", "min"),
+    Column("e2e_p90", "End-to-end ms p90", "ms", "min"),
+    Column("total_s", "Total time s", "seconds", "min"),
+    Column("peak_gib", "Peak memory GiB", "gib", "min"),
+    Column("tflops", "TFLOPs/request", "tflops", "min"),
+    Column("prefill_speedup", "Prefill speed-up", "speedup", "max"),
+    Column("e2e_speedup", "End-to-end speed-up", "speedup", "max"),
+    Column("requests", "Requests", "int", None),
+    Column("failed", "Failed", "int", None),
+]
+
+
+def _efficiency_rows(requests: pd.DataFrame, full_tokens: float) -> list[dict]:
+    rows = []
+    for (method, budget), reqs in requests.groupby(["method", "budget"], sort=False):
+        measured = reqs[reqs["measured"]]
+        flops = (measured["prefill_flops"].fillna(0) + measured["vision_flops"].fillna(0))[
+            measured["prefill_flops"].notna()]
+
+        def med(series):
+            series = pd.to_numeric(series, errors="coerce").dropna()
+            return float(series.median()) if len(series) else math.nan
+
+        def p90(series):
+            series = pd.to_numeric(series, errors="coerce").dropna()
+            return float(np.percentile(series.to_numpy(dtype=float), 90)) if len(series) else math.nan
+
+        total = reqs["budget_total"].iloc[0]
+        rows.append(dict(
+            method=method, budget=budget, budget_total=total,
+            tokens=med(measured["tokens_per_image"]) if len(measured) else med(reqs["tokens_per_image"]),
+            prefill_p50=med(measured["prefill_ms"]), prefill_p90=p90(measured["prefill_ms"]),
+            ttft_p50=med(measured["ttft_ms"]),
+            decode_per_token_p50=med(measured["decode_ms_per_token"]),
+            e2e_p50=med(measured["total_ms"]), e2e_p90=p90(measured["total_ms"]),
+            total_s=float(measured["total_ms"].sum()) / 1e3 if len(measured) else math.nan,
+            peak_gib=med(measured["peak_memory_bytes"]) / 2**30,
+            tflops=med(flops / 1e12),
+            requests=float(len(measured)), failed=float(reqs["error"].notna().sum()),
+        ))
+    full = [r for r in rows if r["budget"] == "full"]
+    for row in rows:
+        row["prefill_speedup"] = full[0]["prefill_p50"] / row["prefill_p50"] if full and row["prefill_p50"] else math.nan
+        row["e2e_speedup"] = full[0]["e2e_p50"] / row["e2e_p50"] if full and row["e2e_p50"] else math.nan
+    rows.sort(key=lambda r: (-_group_key(r["budget"], r["budget_total"]), B.method_sort_key(r["method"])))
+    for row in rows:
+        row["group"] = _group_title(row["tokens"], full_tokens, row["budget"] == "full")
+        row["label"] = _row_label(row["method"], row["budget"], row["budget_total"])
+        row["source"] = "measured"
+    return rows
+
+
+def _is_video(requests: pd.DataFrame) -> pd.Series:
+    videos = pd.to_numeric(requests["videos"], errors="coerce")
+    by_bench = requests["benchmark"].isin(B.VIDEO_BENCHMARKS)
+    return videos.fillna(0).gt(0) | (videos.isna() & by_bench)
+
+
+def efficiency_scopes(requests: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(scope id, title, requests) per model: image tasks pooled, then each task."""
+    scopes = []
+    if requests.empty:
+        return scopes
+    for model, reqs in requests.groupby("model", sort=True):
+        images = reqs[~_is_video(reqs)]
+        if images["task"].nunique() > 1:
+            scopes.append((model, "all image tasks", images))
+        for task, treqs in reqs.groupby("task", sort=True):
+            scopes.append((model, str(task), treqs))
+    return scopes
+
+
+def efficiency_tables(results: Results) -> list[TableBlock]:
+    blocks = []
+    requests = results.requests
+    if requests.empty:
+        return blocks
+    runs = results.runs
+    for model, scope, reqs in efficiency_scopes(requests):
+        mruns = runs[runs["model"] == model]
+        full_tokens = mruns["full_tokens_per_image"].dropna()
+        full_tokens = float(full_tokens.iloc[0]) if len(full_tokens) else math.nan
+        rows = _efficiency_rows(reqs, full_tokens)
+        frame = pd.DataFrame(rows)
+        frame.insert(0, "model", model)
+        frame.insert(1, "scope", scope)
+        bold = set()
+        for col in EFFICIENCY_COLUMNS:
+            if col.better is None:
+                continue
+            values = frame[col.key].dropna()
+            if values.nunique() >= 2:
+                best = values.max() if col.better == "max" else values.min()
+                bold |= {(i, col.key) for i, v in frame[col.key].items() if v == best}
+        kinds = set(reqs["peak_memory_kind"].dropna())
+        notes = [
+            "Over measured requests (warm-up and failed requests left out; failed ones counted). "
+            "Visual tokens: per image (per frame for video). Decode ms/token: decode time over the "
+            "tokens generated after the first. Total time: sum of end-to-end times. TFLOPs: vision tower + "
+            "LLM prefill, per request (decode not counted). Speed-ups: full-budget median / this row's median."
+        ]
+        if "process_peak_rss" in kinds:
+            notes.append(
+                "Peak memory on CPU is the process's peak RSS, which only grows during a process: runs that "
+                "share a sweep process inherit earlier peaks, so it does not compare across budgets."
+            )
+        if "cuda_max_allocated" in kinds:
+            notes.append("Peak memory: CUDA allocator peak, reset before each request.")
+        pretrained = mruns["pretrained"].dropna()
+        ref = paper_efficiency_rows(pretrained.iloc[0] if len(pretrained) else None)
+        if len(ref):
+            parts = [f"{B.method_name(r['method'])} {int(r['tokens'])} tokens: prefill {r['prefill_ms']} ms, "
+                     f"total {r['total_s']} s" for _, r in ref.iterrows()]
+            bench = ref.iloc[0]
+            notes.append(
+                f"Paper{PAPER_MARK} ({bench['benchmark']}, {bench['hardware']}; approximate transcription): "
+                + "; ".join(parts) + "."
+            )
+        blocks.append(TableBlock(
+            title=f"{model}: {scope}", frame=frame, columns=EFFICIENCY_COLUMNS, notes=notes, bold=bold,
+            csv_extra=["model", "scope", "group", "method", "budget", "label"],
+        ))
+    return blocks
+
+
+def problems_markdown(results: Results) -> str:
+    """The failed and incomplete runs as a Markdown list (empty string when none)."""
+    problems = results.problems
+    if problems.empty:
+        return ""
+    lines = [f"## Runs not in the tables ({len(problems)})", ""]
+    lines += ["| run | status | error |", "|---|---|---|"]
+    for _, row in problems.iterrows():
+        error = str(row["error"] or "").replace("|", "\\|").replace("\n", " ")
+        if len(error) > 300:
+            error = error[:297] + "..."
+        lines.append(f"| `{row['run_id']}` | {row['status']} | {error} |")
+    return "\n".join(lines)
