@@ -17,7 +17,7 @@ expand each image placeholder to as many tokens as the model now receives.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Iterator
 
 import torch
@@ -67,10 +67,18 @@ class TokenReducer:
         return self.reduce(signals, backend)
 
     def _encode(self, backend: VLMBackend, pixel_values: torch.Tensor) -> torch.Tensor:
-        return backend.project(self._select(backend, pixel_values).tokens)
+        return self._encode_selection(backend, pixel_values).tokens
+
+    def _encode_selection(self, backend: VLMBackend, pixel_values: torch.Tensor) -> Selection:
+        """The selection with its tokens projected (what ``backend.install`` routes through)."""
+        selection = self._select(backend, pixel_values)
+        return replace(selection, tokens=backend.project(selection.tokens))
 
     def encode_images(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The tokens the LLM receives: (num_images, tokens_per_image, llm_hidden_size)."""
+        """The tokens the LLM receives per unit: (units, tokens_per_image, llm_hidden_size).
+
+        ``pixel_values``: (units, 3, H, W), one tower input each (an image for LLaVA-1.5, a
+        crop or a video frame for AnyRes and video models)."""
         backend = backend_for(model)
         self.check(backend)
         return self._encode(backend, pixel_values)
@@ -82,8 +90,9 @@ class TokenReducer:
         self.check(backend)
         remove_reduction(model)
         undo = backend.install(
-            lambda pixel_values: self._encode(backend, pixel_values),
+            lambda pixel_values: self._encode_selection(backend, pixel_values),
             self.tokens_per_image(backend),
+            full=isinstance(self, NoReduction),
         )
         setattr(model, _STATE_ATTR, _Applied(self, backend, undo))
         return model
@@ -156,6 +165,7 @@ class VisionZip(TokenReducer):
             self.dominant,
             self.contextual,
             self.merge,
+            cls_token=signals.cls_token,
         )
 
 
@@ -259,7 +269,8 @@ def applied_reducer(model: nn.Module) -> TokenReducer | None:
 
 
 def tokens_per_image(model: nn.Module) -> int:
-    """Visual tokens per image the model's LLM receives now (reduced or not)."""
+    """Visual tokens per image the model's LLM receives now (reduced or not); per unit (crop,
+    frame) for AnyRes and video models."""
     state = getattr(model, _STATE_ATTR, None)
     if state is not None:
         return state.tokens_per_image
@@ -281,21 +292,28 @@ def visionzip(
     return VisionZip(dominant, contextual, merge).apply(model)
 
 
-def visionzip_processor(processor, model: nn.Module):
-    """Make ``processor`` expand each image placeholder to the count ``model`` now receives.
+_OVERRIDES_ATTR = "_visionzip_overrides"
 
-    Sets an instance attribute on this processor only; call again after changing the
+
+def visionzip_processor(processor, model: nn.Module):
+    """Make ``processor`` expand each image (and video) placeholder to the count ``model`` now
+    receives: ``tokens_per_image`` per image for LLaVA-1.5, per crop (base image included) for
+    LLaVA-NeXT / OneVision images, per frame for OneVision videos (see each backend).
+
+    Sets instance attributes on this processor only; call again after changing the
     model's reducer (it then follows the new count, or the default count if none).
     """
     if not hasattr(processor, "image_token"):
         raise ValueError(f"{type(processor).__name__} has no image_token: not a LLaVA-style processor")
-    processor.__dict__.pop("replace_image_token", None)
-    if getattr(model, _STATE_ATTR, None) is None:
+    for name in processor.__dict__.pop(_OVERRIDES_ATTR, ("replace_image_token",)):
+        processor.__dict__.pop(name, None)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
         return processor
-    count = tokens_per_image(model)
-
-    def replace_image_token(image_inputs, image_idx, **kwargs) -> str:
-        return processor.image_token * count
-
-    processor.replace_image_token = replace_image_token
+    overrides = state.backend.processor_overrides(
+        processor, state.tokens_per_image, full=isinstance(state.reducer, NoReduction)
+    )
+    for name, function in overrides.items():
+        setattr(processor, name, function)
+    processor.__dict__[_OVERRIDES_ATTR] = tuple(overrides)
     return processor

@@ -61,10 +61,14 @@ class Generation:
 
 @dataclass
 class Request:
-    """One prompt: its conversation so far and its images (video frames included)."""
+    """One prompt: its conversation so far, its images, and its videos as lists of frames.
+
+    Models without native video input (``backend.video_token_id is None``) take video frames
+    as images; the adapter puts them in ``images`` for those."""
 
     turns: list[tuple[str, str | None]]
     images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Engine:
         self.decoder_shape = DecoderShape.from_config(self.backend.config.text_config)
         self.memory = PeakMemory(self.device)
         self.vision_calls = 0  # tower runs since construction (multi-turn reuse is checked on it)
+        self.last_encode_vision_flops = 0  # vision FLOPs of the last encode()
         self._clock: StageClock | None = None
         self._hooks = self._instrument()
         self.set_reducer(reducer or NoReduction())
@@ -136,51 +141,89 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------
     def prompt(self, request: Request) -> str:
-        return self.backend.chat_prompt(self.processor, request.turns, len(request.images))
+        return self.backend.chat_prompt(self.processor, request.turns, len(request.images), len(request.videos))
+
+    def _to_device(self, inputs) -> dict:
+        return {
+            k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+            if torch.is_tensor(v) else v
+            for k, v in inputs.items()
+        }
+
+    def _vision_flops(self, inputs, requests: list[Request]) -> list[tuple[int, int]]:
+        """Per request: (tower units: images, crops, frames; vision FLOPs)."""
+        image_units, video_units = self.backend.tower_units(inputs)
+        per_unit = self.backend.vision_flops(self.tokens_per_image)
+        out, i, v = [], 0, 0
+        for request in requests:
+            units = sum(image_units[i : i + len(request.images)]) + sum(video_units[v : v + len(request.videos)])
+            i, v = i + len(request.images), v + len(request.videos)
+            out.append((units, units * per_unit))
+        return out
 
     @torch.inference_mode()
-    def encode(self, images: list) -> tuple[BaseModelOutputWithPooling, float]:
-        """Image tokens as the LLM receives them, reusable across turns (VisionZip is
-        text-agnostic), and the milliseconds the encode took."""
+    def encode(self, images: list, videos: list | None = None) -> tuple[dict, float]:
+        """Image (and video) tokens as the LLM receives them, reusable across turns (VisionZip is
+        text-agnostic): the ``mm_encoder_outputs`` dict, and the milliseconds the encode took.
+        ``last_encode_vision_flops`` holds its FLOPs."""
         clock = StageClock(self.device)
         clock.mark("start")
-        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        features = self.backend.encode_for_generate(pixels.to(self.device, self.dtype))
+        visual = self.backend.processor_inputs([list(images)], [list(videos or [])])
+        processed = {}
+        if "images" in visual:
+            processed.update(self.processor.image_processor(visual["images"], return_tensors="pt"))
+        if "videos" in visual:
+            processed.update(self.processor.video_processor(visual["videos"], return_tensors="pt"))
+        processed = self._to_device(processed)
+        features = self.backend.encode_for_generate(processed)
         clock.mark("end")
         clock.finish()
+        request = Request(turns=[], images=list(images), videos=list(videos or []))
+        self.last_encode_vision_flops = self._vision_flops(processed, [request])[0][1]
         return features, clock.ms("start", "end")
+
+    def _expand_placeholders(self, texts: list[str], encoded: dict) -> list[str]:
+        """Expand each image / video placeholder to as many tokens as its encoded rows."""
+        for modality in ("image", "video"):
+            token = getattr(self.processor, f"{modality}_token", None)
+            if encoded.get(modality) is None or token is None:
+                continue
+            counts = iter([len(rows) for rows in encoded[modality].pooler_output])
+            texts = [
+                "".join(part if i == 0 else token * next(counts) + part for i, part in enumerate(text.split(token)))
+                for text in texts
+            ]
+        return texts
 
     @torch.inference_mode()
     def generate(
         self,
         requests: list[Request],
         settings: Generation,
-        image_features: BaseModelOutputWithPooling | None = None,
+        image_features: dict | BaseModelOutputWithPooling | None = None,
     ) -> list[Output]:
-        """Generate for a batch (left-padded). With ``image_features`` (one request), the
-        image tokens computed in an earlier turn are reused and the tower does not run."""
+        """Generate for a batch (left-padded). With ``image_features`` (one request: what
+        ``encode`` returned), the image tokens computed in an earlier turn are reused and the
+        tower does not run."""
         clock = StageClock(self.device)
         self._clock = clock
         self.memory.reset()
         clock.mark("start")
         try:
             texts = [self.prompt(r) for r in requests]
-            images = [image for r in requests for image in r.images]
             if image_features is not None:
-                per_image = self.tokens_per_image
-                token = self.processor.image_token
-                texts = [t.replace(token, token * per_image) for t in texts]
+                encoded = image_features if isinstance(image_features, dict) else {"image": image_features}
+                # fresh output objects: generate may rewrite them (beam expansion)
+                encoded = {k: BaseModelOutputWithPooling(pooler_output=v.pooler_output) for k, v in encoded.items()}
+                texts = self._expand_placeholders(texts, encoded)
                 inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
-                inputs["mm_encoder_outputs"] = {"image": image_features}
-            elif images:
-                inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+            elif visual := self.backend.processor_inputs([r.images for r in requests], [r.videos for r in requests]):
+                inputs = self.processor(**visual, text=texts, return_tensors="pt", padding=True)
             else:
                 inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
-            inputs = {
-                k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
-                if torch.is_tensor(v) else v
-                for k, v in inputs.items()
-            }
+            inputs = self._to_device(inputs)
+            if image_features is not None:
+                inputs["mm_encoder_outputs"] = encoded
             out = self.model.generate(**inputs, **self._generate_kwargs(settings))
             clock.mark("end")
         finally:
@@ -207,7 +250,8 @@ class Engine:
     def _outputs(self, requests, inputs, out, settings, clock, peak, reused) -> list[Output]:
         input_ids = inputs["input_ids"]
         prompt_len = input_ids.shape[1]
-        image_id = self.backend.image_token_id
+        placeholder_ids = [i for i in (self.backend.image_token_id, self.backend.video_token_id) if i is not None]
+        vision = self._vision_flops(inputs, requests) if not reused else [(0, 0)] * len(requests)
         eos = self.tokenizer.eos_token_id
         timings = dict(
             vision_ms=clock.ms("vision_start", "vision_end") if not reused else 0.0,
@@ -219,7 +263,7 @@ class Engine:
         outputs = []
         for row, request in enumerate(requests):
             prompt_tokens = int(inputs["attention_mask"][row].sum())
-            visual = int((input_ids[row] == image_id).sum())
+            visual = sum(int((input_ids[row] == token_id).sum()) for token_id in placeholder_ids)
             new = out[row, prompt_len:].tolist()
             generated = len(new)
             if eos in new:
@@ -240,7 +284,8 @@ class Engine:
                 peak_memory_bytes=peak,
                 peak_memory_kind=self.memory.kind,
                 prefill_flops=prefill_flops(self.decoder_shape, prompt_tokens),
-                vision_flops=0 if reused else images * self.backend.vision_flops(self.tokens_per_image),
+                vision_flops=vision[row][1],
+                vision_units=vision[row][0],
             )
             outputs.append(Output(text=text.strip(), metrics=metrics))
         return outputs

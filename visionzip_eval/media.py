@@ -71,18 +71,36 @@ def sample_video_frames(path: str | os.PathLike, num_frames: int) -> list[Image.
     return frames
 
 
+def _load_each(visuals, max_frames: int):
+    """Yield ``(is_video, image or frames)`` per visual, in order."""
+    if visuals is None:
+        return
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    for visual in visuals:
+        if is_video(visual):
+            yield True, sample_video_frames(visual, max_frames)
+        else:
+            yield False, load_image(visual)
+
+
 def load_visuals(visuals, max_frames: int) -> tuple[list[Image.Image], int]:
     """Flatten a task's visuals into images; videos become ``max_frames`` frames each.
     Returns ``(images, videos)`` where ``videos`` counts the videos among them."""
-    if visuals is None:
-        return [], 0
-    if not isinstance(visuals, (list, tuple)):
-        visuals = [visuals]
     images, videos = [], 0
-    for visual in visuals:
-        if is_video(visual):
-            images.extend(sample_video_frames(visual, max_frames))
+    for video, loaded in _load_each(visuals, max_frames):
+        if video:
+            images.extend(loaded)
             videos += 1
         else:
-            images.append(load_image(visual))
+            images.append(loaded)
+    return images, videos
+
+
+def load_visual_groups(visuals, max_frames: int) -> tuple[list[Image.Image], list[list[Image.Image]]]:
+    """A task's visuals kept apart, for models with native video input: ``(images, videos)``
+    where each video is its ``max_frames`` frames sampled uniformly."""
+    images, videos = [], []
+    for video, loaded in _load_each(visuals, max_frames):
+        (videos if video else images).append(loaded)
     return images, videos

@@ -139,17 +139,23 @@ def decode_step_flops(shape: DecoderShape, context: int) -> int:
 
 
 def vit_flops(
-    vision_config, layers_run: int, projector_in: int, projector_out: int, tokens_out: int
+    vision_config,
+    layers_run: int,
+    projector_in: int,
+    projector_out: int,
+    tokens_out: int,
+    cls_token: bool = True,
 ) -> int:
     """FLOPs of a ViT tower run through ``layers_run`` layers, plus a 2-layer MLP projector.
 
     Patch embedding ``P*(3*p*p)*D``; per layer ``4*N*D*D`` (q, k, v, o), ``2*N*N*D``
-    (scores and AV) and ``2*N*D*M`` (fc1, fc2); projector ``K*(Din*Dout + Dout*Dout)`` over
-    the ``tokens_out`` rows the LLM receives. FLOPs = 2 x MACs.
+    (scores and AV) and ``2*N*D*M`` (fc1, fc2) with ``N = P + 1`` (CLS) or ``P`` (no CLS,
+    SigLIP); projector ``K*(Din*Dout + Dout*Dout)`` over the ``tokens_out`` rows the LLM
+    receives. FLOPs = 2 x MACs.
     """
     patch = vision_config.patch_size
     patches = (vision_config.image_size // patch) ** 2
-    tokens = patches + 1
+    tokens = patches + 1 if cls_token else patches
     d, m = vision_config.hidden_size, vision_config.intermediate_size
     embed = patches * 3 * patch * patch * d
     layer = 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m

@@ -2,8 +2,10 @@
 
 Inputs come from one layer L of the vision tower (the one the VLM reads, LLaVA's -2):
 
-- ``hidden``: (B, N, D) hidden states output by layer L, token 0 = CLS;
-- ``cls_attention``: (B, H, N) attention probabilities of the CLS query in layer L;
+- ``hidden``: (B, N, D) hidden states output by layer L, token 0 = CLS (towers with one);
+- ``cls_attention``: (B, H, N) per-head attention scores of layer L: the attention
+  probabilities of the CLS query (``cls_attention_row``), or, for towers without a CLS token
+  (SigLIP), the mean attention each token receives from all queries (``received_attention``);
 - ``keys``: (B, N, d) the layer's keys averaged over heads.
 
 Everything is batched (no loop over images); scores, similarities and the merge run in
@@ -56,6 +58,33 @@ def cls_attention_row(
     return logits.softmax(dim=-1)
 
 
+def received_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_heads: int,
+    scale: float | None = None,
+    max_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Mean attention each token receives from all N queries, per head, in float32.
+
+    ``queries``, ``keys``: (B, N, D) projected queries and keys of one layer (bias included,
+    unscaled). Returns (B, H, N): column means of each head's (N, N) softmax map, the score
+    VisionZip uses for towers without a CLS token. The map is never held whole: queries go in
+    chunks so that one chunk's probabilities hold at most ``max_elements`` floats.
+    """
+    batch, tokens, dim = keys.shape
+    head_dim = dim // num_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    k = keys.float().reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+    q = queries.float().reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    chunk = max(1, max_elements // max(1, batch * num_heads * tokens))
+    total = torch.zeros(batch, num_heads, tokens, dtype=torch.float32, device=keys.device)
+    for start in range(0, tokens, chunk):
+        logits = (q[:, :, start : start + chunk] @ k.transpose(-1, -2)) * scale  # (B, H, c, N)
+        total += logits.softmax(dim=-1).sum(dim=2)
+    return total / tokens
+
+
 def head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, N, D) projected keys -> (B, N, D / H) averaged over heads (VisionZip's merge metric)."""
     batch, tokens, dim = keys.shape
@@ -66,16 +95,22 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def select_dominant(scores: torch.Tensor, dominant: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_dominant(
+    scores: torch.Tensor, dominant: int, cls_token: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split positions into dominant (CLS + top ``dominant - 1`` patches) and the rest.
 
-    ``scores``: (B, N) per-token score; column 0 (CLS) is always kept and never ranked.
+    ``scores``: (B, N) per-token score; with ``cls_token`` column 0 (CLS) is always kept and
+    never ranked, without it (SigLIP) the top ``dominant`` tokens are kept.
     Returns ``(dominant_index (B, dominant), rest_index (B, N - dominant))``, both ascending.
     """
     batch, tokens = scores.shape
-    top = scores[:, 1:].topk(dominant - 1, dim=1).indices + 1
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=scores.device)
-    keep[:, 0] = True
+    if cls_token:
+        top = scores[:, 1:].topk(dominant - 1, dim=1).indices + 1
+        keep[:, 0] = True
+    else:
+        top = scores.topk(dominant, dim=1).indices
     keep.scatter_(1, top, True)
     # nonzero() walks row-major, so each row's positions come out ascending.
     dominant_index = keep.nonzero()[:, 1].reshape(batch, dominant)
@@ -141,19 +176,21 @@ def visionzip_select(
     dominant: int,
     contextual: int,
     merge: MergeRule = "reference",
+    cls_token: bool = True,
 ) -> Selection:
     """The whole VisionZip reduction of one layer's outputs: (B, N, D) -> (B, dominant + contextual, D).
 
     Output rows: the dominant tokens (CLS first, positional order), then the contextual
-    tokens (target order).
+    tokens (target order). ``cls_token=False`` (SigLIP): no token is kept unconditionally, the
+    ``dominant`` best-scored tokens are.
     """
     batch, tokens, _ = hidden.shape
     if dominant + contextual > tokens:
         raise ValueError(
             f"dominant + contextual = {dominant + contextual} exceeds the {tokens} tokens available"
         )
-    scores = cls_attention.float().sum(dim=1)  # (B, N): CLS attention summed over heads
-    dominant_index, rest_index = select_dominant(scores, dominant)
+    scores = cls_attention.float().sum(dim=1)  # (B, N): attention scores summed over heads
+    dominant_index, rest_index = select_dominant(scores, dominant, cls_token)
     contextual_tokens, target_pos, member_slot = merge_contextual(
         _gather_rows(hidden, rest_index), _gather_rows(metric, rest_index), contextual, merge
     )

@@ -1,9 +1,16 @@
 """Tiny offline LLaVA models with the real architecture, for tests, demos and benchmarks.
 
 No network: the tokenizer is a byte-level BPE built in code (256 byte symbols + specials, no
-merges), the image processor is CLIP's with LLaVA-1.5's settings, and the weights are random
-but deterministic by seed. The vision tower is CLIP at 336 px / patch 14, so images give
-576 patches + CLS, exactly as llava-hf/llava-1.5-7b-hf; only the widths and depths shrink.
+merges), the image processors are built from code with the real checkpoints' settings, and the
+weights are random but deterministic by seed. Only the widths and depths shrink:
+
+- ``build_tiny_llava``: LLaVA-1.5 (llava-hf/llava-1.5-7b-hf): CLIP 336 px / patch 14, so images
+  give 576 patches + CLS; Llama LLM.
+- ``build_tiny_llava_next``: LLaVA-NeXT (llava-hf/llava-v1.6-vicuna-7b-hf): the same CLIP tower
+  on AnyRes crops (base image + 2 to 4 crops of 336 px, the checkpoint's five grid pinpoints);
+  Llama LLM.
+- ``build_tiny_llava_onevision``: LLaVA-OneVision (llava-hf/llava-onevision-qwen2-*-ov-hf):
+  SigLIP 384 px / patch 14 (729 patches, no CLS), AnyRes up to 6x6 crops, videos; Qwen2 LLM.
 """
 
 from __future__ import annotations
@@ -18,8 +25,19 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -39,8 +57,11 @@ LLAVA15_CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE without merges: every text encodes, ids are fixed, nothing downloaded."""
+def tiny_tokenizer(extra_special_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: every text encodes, ids are fixed, nothing downloaded.
+
+    ``extra_special_tokens`` (e.g. ``("<video>",)``) come after the byte symbols, so the ids of
+    everything else do not move."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
@@ -58,7 +79,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         padding_side="left",
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *extra_special_tokens]})
     return tokenizer
 
 
@@ -151,6 +172,177 @@ def save_tiny_llava(directory: str | Path, seed: int = 0, **sizes: int) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# -- LLaVA-NeXT ---------------------------------------------------------------------------
+
+# llava-hf/llava-v1.6-vicuna-7b-hf: AnyRes over these (height, width) resolutions, 336 px crops.
+LLAVA_NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+# The chat template of llava-hf/llava-v1.6-vicuna-7b-hf (generation markers left out):
+# "USER: <image>\n{text} ASSISTANT:".
+LLAVA_NEXT_VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_llava_next_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaNextProcessor:
+    """LLaVA-NeXT's processor with llava-v1.6-vicuna-7b-hf's settings (built in code)."""
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=LLAVA_NEXT_GRID_PINPOINTS,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_pad=True,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or tiny_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_VICUNA_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava_next(
+    seed: int = 0, attn_implementation: str = "sdpa", **sizes: int
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A random-weight LLaVA-NeXT (v1.6-vicuna look-alike: CLIP 336/14 on AnyRes crops, Llama)."""
+    processor = tiny_llava_next_processor()
+    tokenizer = processor.tokenizer
+    base = tiny_llava_config(
+        vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **sizes
+    )
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=LLAVA_NEXT_GRID_PINPOINTS,
+        projector_hidden_act="gelu",
+        image_seq_length=576,
+    )
+    return _instantiate(LlavaNextForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
+
+
+# -- LLaVA-OneVision ----------------------------------------------------------------------
+
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+# llava-hf/llava-onevision-qwen2-*-ov-hf: 384 px crops, 1x1 up to 6x6 grids.
+LLAVA_ONEVISION_GRID_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+
+# The chat template of llava-hf/llava-onevision-qwen2-*-ov-hf (generation markers left out):
+# "<|im_start|>user <image>\n{text}<|im_end|>\n<|im_start|>assistant\n".
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_llava_onevision_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaOnevisionProcessor:
+    """LLaVA-OneVision's processor with the -ov-hf checkpoints' settings (built in code)."""
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": 384, "width": 384},
+        image_grid_pinpoints=LLAVA_ONEVISION_GRID_PINPOINTS,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+        do_pad=True,
+    )
+    video_processor = LlavaOnevisionVideoProcessor(
+        size={"height": 384, "width": 384}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+    )
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or tiny_tokenizer(("<video>",)),
+        video_processor=video_processor,
+        num_image_tokens=729,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def build_tiny_llava_onevision(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_hidden: int = 64,
+    vision_layers: int = 4,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
+    """A random-weight LLaVA-OneVision (SigLIP 384/14 without CLS, AnyRes, video; Qwen2 LLM)."""
+    processor = tiny_llava_onevision_processor()
+    tokenizer = processor.tokenizer
+    vision = SiglipVisionConfig(
+        image_size=384,
+        patch_size=14,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=LLAVA_ONEVISION_GRID_PINPOINTS,
+        projector_hidden_act="gelu",
+    )
+    return _instantiate(LlavaOnevisionForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
+
+
+def _instantiate(model_class, config, tokenizer, seed: int, attn_implementation: str):
+    config._attn_implementation = attn_implementation
+    for sub in (config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
 
 
 def sample_images() -> dict[str, "PIL.Image.Image"]:  # noqa: F821

@@ -13,23 +13,32 @@ from visionzip_eval.backends.base import (
     register_backend,
 )
 from visionzip_eval.backends import llava_hf  # noqa: F401  (registers itself)
+from visionzip_eval.backends import llava_next  # noqa: F401  (registers itself)
+from visionzip_eval.backends import llava_onevision  # noqa: F401  (registers itself)
 
 
 BUILTIN_TINY = "builtin:tiny-llava"
+# builtin name -> builder in visionzip_eval.testing
+BUILTIN_TINY_MODELS = {
+    BUILTIN_TINY: "build_tiny_llava",
+    "builtin:tiny-llava-next": "build_tiny_llava_next",
+    "builtin:tiny-llava-onevision": "build_tiny_llava_onevision",
+}
 
 
 def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | None = None):
     """Load a supported checkpoint by its config's ``model_type``: (model, processor).
 
-    ``builtin:tiny-llava`` builds the tiny random-weight LLaVA of ``visionzip_eval.testing``
-    in memory (offline, seed 0).
+    ``builtin:tiny-llava`` (``-next``, ``-onevision``) builds the tiny random-weight LLaVA-1.5
+    (LLaVA-NeXT, LLaVA-OneVision) of ``visionzip_eval.testing`` in memory (offline, seed 0).
     """
     from transformers import AutoConfig
 
-    if pretrained == BUILTIN_TINY:
-        from visionzip_eval.testing import build_tiny_llava
+    if pretrained in BUILTIN_TINY_MODELS:
+        from visionzip_eval import testing
 
-        model, processor = build_tiny_llava(seed=0, attn_implementation=attn_implementation or "sdpa")
+        build = getattr(testing, BUILTIN_TINY_MODELS[pretrained])
+        model, processor = build(seed=0, attn_implementation=attn_implementation or "sdpa")
         return model.to(device=device, dtype=dtype), processor
 
     try:
@@ -39,7 +48,11 @@ def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | N
             f"cannot load the config of {pretrained!r}: give a local checkpoint folder or a hub id "
             f"reachable from this machine ({type(error).__name__})"
         ) from error
-    loaders = {"llava": llava_hf.load_pretrained}
+    loaders = {
+        "llava": llava_hf.load_pretrained,
+        "llava_next": llava_next.load_pretrained,
+        "llava_onevision": llava_onevision.load_pretrained,
+    }
     if config.model_type not in loaders:
         raise ValueError(
             f"{pretrained!r} is a {config.model_type!r} model; supported model types: {', '.join(loaders)}"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
 
-from visionzip_eval.selection import cls_attention_row, head_mean_keys
+from visionzip_eval.selection import Selection, cls_attention_row, head_mean_keys, received_attention
 
 
 @dataclass
@@ -18,6 +18,8 @@ class TowerSignals:
 
     ``hidden``: (B, N, D) output of layer L. ``query_cls`` (B, D) and ``keys`` (B, N, D) are
     layer L's projected CLS query and keys, captured only when a reducer asks for them.
+    Towers without a CLS token (``cls_token=False``, SigLIP) leave every query instead:
+    ``queries`` (B, N, D).
     """
 
     hidden: torch.Tensor
@@ -25,20 +27,27 @@ class TowerSignals:
     scale: float
     query_cls: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    cls_token: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _need(self) -> None:
-        if self.query_cls is None or self.keys is None:
+        query = self.query_cls if self.cls_token else self.queries
+        if query is None or self.keys is None:
             raise RuntimeError("attention signals were not captured (capture(..., attention=True))")
 
     @property
     def cls_attention(self) -> torch.Tensor:
-        """(B, H, N) CLS-query attention probabilities of layer L, float32."""
+        """(B, H, N) the per-head attention scores VisionZip ranks tokens by, float32: the CLS
+        query's attention probabilities of layer L, or without a CLS token the mean attention
+        each token receives from all queries of layer L."""
         self._need()
         if "cls_attention" not in self._cache:
-            self._cache["cls_attention"] = cls_attention_row(
-                self.query_cls, self.keys, self.num_heads, self.scale
-            )
+            if self.cls_token:
+                scores = cls_attention_row(self.query_cls, self.keys, self.num_heads, self.scale)
+            else:
+                scores = received_attention(self.queries, self.keys, self.num_heads, self.scale)
+            self._cache["cls_attention"] = scores
         return self._cache["cls_attention"]
 
     @property
@@ -49,7 +58,12 @@ class TowerSignals:
 
 
 class VLMBackend(ABC):
-    """One model family. Instances wrap one model and hold no other state."""
+    """One model family. Instances wrap one model and hold no other state.
+
+    A *unit* is one tower forward: an image for LLaVA-1.5, a crop (base image included) for
+    AnyRes models, a frame of a video. Reducers work per unit, so ``tokens_per_image`` of a
+    reducer is per unit, and a request's visual tokens are its units times that count.
+    """
 
     name: ClassVar[str]
 
@@ -73,6 +87,11 @@ class VLMBackend(ABC):
 
     @property
     def image_token_id(self) -> int | None:
+        return None
+
+    @property
+    def video_token_id(self) -> int | None:
+        """The placeholder of a native video input; None: videos go in as frames (images)."""
         return None
 
     @property
@@ -111,17 +130,48 @@ class VLMBackend(ABC):
         (the decoder stack, called once per forward) and ``lm_head``."""
 
     @abstractmethod
-    def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int) -> str:
+    def chat_prompt(
+        self, processor, turns: list[tuple[str, str | None]], images: int, videos: int = 0
+    ) -> str:
         """The checkpoint's conversation format for ``turns`` of (user text, assistant reply or
-        None for the turn to generate), with ``images`` image placeholders in the first turn."""
+        None for the turn to generate), with ``images`` image and ``videos`` video placeholders
+        in the first turn."""
 
     @abstractmethod
-    def encode_for_generate(self, pixel_values: torch.Tensor):
-        """Image features in the form ``generate(mm_encoder_outputs={"image": ...})`` takes."""
+    def encode_for_generate(self, inputs: Mapping[str, torch.Tensor]) -> dict:
+        """The processor's vision outputs (``pixel_values``, ...) encoded as the
+        ``mm_encoder_outputs`` dict ``generate`` takes: ``{"image": ..., "video": ...}``."""
 
     @abstractmethod
-    def install(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens_per_image: int) -> Callable[[], None]:
-        """Route this model's image features through ``encode``; returns the undo function."""
+    def install(
+        self, encode: Callable[[torch.Tensor], Selection], tokens_per_image: int, full: bool = False
+    ) -> Callable[[], None]:
+        """Route this model's image features through ``encode`` (a batch of units -> a Selection
+        whose ``tokens`` are projected: (units, tokens_per_image, llm_hidden)); returns the undo
+        function. ``full``: the reducer keeps every token (the model's own layout applies)."""
+
+    # -- input side (defaults: one unit per image, no native video) ---------------------------
+    def processor_inputs(self, images: list[list], videos: list[list[list]]) -> dict:
+        """The processor's visual arguments for a batch: per request its images, and its videos
+        as lists of frames."""
+        if any(videos):
+            raise ValueError(f"{self.name} takes videos as frames (images), not as videos")
+        flat = [image for request in images for image in request]
+        return {"images": flat} if flat else {}
+
+    def processor_overrides(self, processor, tokens_per_image: int, full: bool) -> dict[str, Callable]:
+        """Instance attributes that make ``processor`` expand each placeholder to the count the
+        model receives with ``tokens_per_image`` tokens per unit."""
+
+        def replace_image_token(image_inputs, image_idx, **kwargs) -> str:
+            return processor.image_token * tokens_per_image
+
+        return {"replace_image_token": replace_image_token}
+
+    def tower_units(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+        """Units (tower forwards) per image and per video of processed ``inputs``, in order."""
+        pixel_values = inputs.get("pixel_values")
+        return [1] * (0 if pixel_values is None else len(pixel_values)), []
 
 
 BACKENDS: list[type[VLMBackend]] = []

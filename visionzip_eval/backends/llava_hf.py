@@ -12,7 +12,7 @@ Facts this module relies on (transformers 5):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -21,14 +21,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, register_backend
 from visionzip_eval.profiling import vit_flops
+from visionzip_eval.selection import Selection
 
 
 class _StopTower(Exception):
     """Raised by the layer-L hook: nothing after layer L is used, so the tower stops there."""
 
 
-def _core(model: nn.Module) -> LlavaModel:
-    return model.model if isinstance(model, LlavaForConditionalGeneration) else model
+def _core(model: nn.Module) -> nn.Module:
+    """The multimodal core (``LlavaModel``, ``LlavaNextModel``, ...) of a ``*ForConditionalGeneration``
+    or the core itself: the module holding ``vision_tower`` whose ``get_image_features`` generate calls."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "vision_tower") else model
 
 
 def _first_tensor(output):
@@ -38,6 +42,7 @@ def _first_tensor(output):
 @register_backend
 class LlavaHFBackend(VLMBackend):
     name = "llava-hf (LlavaForConditionalGeneration, CLIP tower)"
+    cls_token: ClassVar[bool] = True  # the tower's token 0 is a CLS token
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -100,7 +105,9 @@ class LlavaHFBackend(VLMBackend):
             "lm_head": getattr(self.model, "lm_head", None) or self.core.language_model.norm,
         }
 
-    def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int) -> str:
+    def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int, videos: int = 0) -> str:
+        if videos:
+            raise ValueError(f"{self.name} takes videos as frames (images), not as videos")
         messages = []
         for index, (user, reply) in enumerate(turns):
             content = [{"type": "image"} for _ in range(images if index == 0 else 0)]
@@ -119,8 +126,8 @@ class LlavaHFBackend(VLMBackend):
                 text += f" {reply}</s>"
         return text
 
-    def encode_for_generate(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
-        return self.core.get_image_features(pixel_values=pixel_values)
+    def encode_for_generate(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
+        return {"image": self.core.get_image_features(pixel_values=inputs["pixel_values"])}
 
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
         layer = self.layers[self.layer_index]
@@ -128,7 +135,10 @@ class LlavaHFBackend(VLMBackend):
         store: dict[str, torch.Tensor] = {}
 
         def on_query(module, args, output):
-            store["query_cls"] = output[:, 0]
+            if self.cls_token:
+                store["query_cls"] = output[:, 0]
+            else:
+                store["queries"] = output
 
         def on_keys(module, args, output):
             store["keys"] = output
@@ -156,6 +166,8 @@ class LlavaHFBackend(VLMBackend):
             scale=attn.scale,
             query_cls=store.get("query_cls"),
             keys=store.get("keys"),
+            queries=store.get("queries"),
+            cls_token=self.cls_token,
         )
 
     def full_features(self, signals: TowerSignals) -> torch.Tensor:
@@ -167,7 +179,7 @@ class LlavaHFBackend(VLMBackend):
         return self.core.multi_modal_projector(tokens)
 
     def install(
-        self, encode: Callable[[torch.Tensor], torch.Tensor], tokens_per_image: int
+        self, encode: Callable[[torch.Tensor], Selection], tokens_per_image: int, full: bool = False
     ) -> Callable[[], None]:
         core, config = self.core, self.config
 
@@ -184,7 +196,7 @@ class LlavaHFBackend(VLMBackend):
                     f"VisionZip was applied for vision_feature_layer={config.vision_feature_layer}, "
                     f"got {vision_feature_layer}"
                 )
-            features = encode(pixel_values)
+            features = encode(pixel_values).tokens
             return BaseModelOutputWithPooling(pooler_output=list(features))
 
         def check_placeholders(module, args, kwargs):

@@ -31,7 +31,7 @@ from visionzip_eval.budget import Budget
 from visionzip_eval.compressor import METHODS, make_reducer
 from visionzip_eval.engine import Engine, Generation, Request
 from visionzip_eval.lmms.efficiency import EfficiencyLog
-from visionzip_eval.media import MediaError, load_visuals
+from visionzip_eval.media import MediaError, load_visual_groups, load_visuals
 
 # What a failed sample answers: scored wrong by every benchmark's parser (no yes/no, no
 # option letter); the reason goes to efficiency.jsonl and the log.
@@ -166,15 +166,29 @@ class VisionZipLMM(lmms):
     def _doc(self, task: str, split: str, doc_id):
         return self.task_dict[task][split][doc_id]
 
+    def _load(self, visuals) -> tuple[list, list]:
+        """(images, videos as frame lists); videos become frames among the images for models
+        without native video input."""
+        if self.engine.backend.video_token_id is not None:
+            return load_visual_groups(visuals, self.max_frames)
+        images, _ = load_visuals(visuals, self.max_frames)
+        return images, []
+
     def _prepare(self, context: str, doc_to_visual, doc_id, task, split) -> tuple[Request | None, dict]:
         """Load one sample's visuals; a broken one gives (None, {error})."""
         try:
-            images, videos = load_visuals(doc_to_visual(self._doc(task, split, doc_id)), self.max_frames)
+            visuals = doc_to_visual(self._doc(task, split, doc_id))
+            if self.engine.backend.video_token_id is not None:  # native video input
+                images, videos = load_visual_groups(visuals, self.max_frames)
+                count = len(videos)
+            else:  # video frames go in as images
+                images, count = load_visuals(visuals, self.max_frames)
+                videos = []
         except MediaError as error:
             return None, {"error": str(error)}
         except Exception as error:  # a task's doc_to_visual failing costs this sample only
             return None, {"error": f"doc_to_visual failed: {type(error).__name__}: {error}"}
-        return Request(turns=[(context, None)], images=images), {"videos": videos}
+        return Request(turns=[(context, None)], images=images, videos=videos), {"videos": count}
 
     # -- generation -----------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -234,8 +248,8 @@ class VisionZipLMM(lmms):
             self.efficiency.record(task=task, doc_id=doc_id, split=split, round=0, **info)
             return [SAMPLE_ERROR]
         doc = self._doc(task, split, doc_id)
-        turns, images, replies, previous_info = [(context, None)], first.images, [], None
-        features, encode_ms = self.engine.encode(images) if images else (None, 0.0)
+        turns, images, videos, replies, previous_info = [(context, None)], first.images, first.videos, [], None
+        features, encode_ms = self.engine.encode(images, videos) if images or videos else (None, 0.0)
         for round_index in range(1_000):
             if round_index > 0:
                 visuals, context, terminal, _, previous_info = doc_to_text(
@@ -245,17 +259,18 @@ class VisionZipLMM(lmms):
                     break
                 turns = turns[:-1] + [(turns[-1][0], replies[-1]), (context, None)]
                 if visuals:  # new images this turn: they are encoded, the old ones kept
-                    new_images, _ = load_visuals(visuals, self.max_frames)
-                    if new_images and new_images != images:
-                        images = new_images
-                        features, encode_ms = self.engine.encode(images)
-            output = self.engine.generate([Request(turns=turns, images=images)], settings, image_features=features)[0]
+                    new_images, new_videos = self._load(visuals)
+                    if (new_images or new_videos) and (new_images, new_videos) != (images, videos):
+                        images, videos = new_images, new_videos
+                        features, encode_ms = self.engine.encode(images, videos)
+            request = Request(turns=turns, images=images, videos=videos)
+            output = self.engine.generate([request], settings, image_features=features)[0]
             metrics = dict(output.metrics, round=round_index, **info)
             if encode_ms:  # this turn paid for the encode
                 metrics.update(
                     vision_ms=encode_ms,
                     image_tokens_reused=False,
-                    vision_flops=len(images) * self.engine.backend.vision_flops(self.engine.tokens_per_image),
+                    vision_flops=self.engine.last_encode_vision_flops,
                 )
                 encode_ms = 0.0
             self.efficiency.record(task=task, doc_id=doc_id, split=split, **metrics)
