@@ -127,7 +127,7 @@ class VisionZipLMM(lmms):
             warmup=int(warmup),
             static=dict(
                 model=self.pretrained,
-                method=method,
+                method="none" if self.budget.is_full else method,  # as the sweep names full runs
                 budget=self.budget.label,
                 dominant=self.budget.dominant,
                 contextual=self.budget.contextual,
