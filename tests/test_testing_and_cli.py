@@ -49,17 +49,39 @@ def test_cli_tiny_model_saves_a_model_that_loads_offline(tmp_path, capsys):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_cli_demo_prints_token_counts(capsys):
-    assert main(["demo", "--budgets", "full", "54+10"]) == 0
-    out = capsys.readouterr().out
-    rows = [line.split("|")[1:4] for line in out.splitlines() if line.startswith("| full") or line.startswith("| 64")]
-    assert [[c.strip() for c in r] for r in rows] == [["full", "576", "618"], ["64", "64", "106"]]
+def test_cli_demo_runs_sweep_report_and_picture(tmp_path, capsys):
+    from visionzip_eval.demo import run_demo
+
+    summary, report, picture = run_demo(
+        tmp_path / "demo", progress=False, tasks=["visionzip_smoke_pope"], budgets=("full", 64), limit=2
+    )
+    assert summary.counts["ok"] == 3  # full once, VisionZip and random at 64
+    names = {p.name for p in report.paths}
+    assert {"table.md", "table.tex", "efficiency.md", "retention.png", "pareto.png"} <= names
+    assert picture.is_file() and "Random" in report.main_table and "VisionZip" in report.main_table
+    from PIL import Image
+
+    assert Image.open(picture).size[0] == 4 * 336 + 3 * 8
 
 
 def test_cli_bad_budget_is_one_line_error(capsys):
     assert main(["demo", "--budgets", "54+0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["visionzip-eval: error: contextual must be >= 1, got 0"]
+
+
+def test_cli_visualize_writes_a_picture(tmp_path, capsys):
+    image = tmp_path / "coffee.png"
+    sample_images()["coffee"].save(image)
+    out = tmp_path / "sel.png"
+    assert main(["visualize", str(image), "--budget", "128,64", "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 336 + 2 * 8, 336 + 28)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    assert main(["visualize", str(broken)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
 
 
 def test_cli_bench_tower_tiny_prints_a_row_per_batch(capsys):

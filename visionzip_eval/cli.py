@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -88,10 +89,50 @@ def _cmd_regress(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from visionzip_eval.demo import format_demo_rows, run_demo
+    from visionzip_eval.demo import run_demo
 
-    print("VisionZip on a tiny random-weight LLaVA-1.5 (CLIP 336/14: 576 patches + CLS), CPU, offline")
-    print(format_demo_rows(run_demo(budgets=args.budgets)))
+    print("VisionZip demo: a tiny random-weight LLaVA-1.5 (CLIP 336/14: 576 patches + CLS) on the smoke "
+          f"tasks, full/192/128/64 tokens, VisionZip and the random baseline; CPU, offline -> {args.output_dir}/",
+          flush=True)
+    summary, report, picture = run_demo(args.output_dir, progress=not args.quiet, limit=args.limit,
+                                        budgets=tuple(args.budgets))
+    print(f"sweep: {summary.describe()}")
+    print(report.main_table)
+    efficiency = report.directory / "efficiency.md"
+    print(f"\nefficiency table: {efficiency}")
+    for path in sorted(p for p in report.paths if str(p).endswith(".png")) + [picture]:
+        print(f"figure: {path}")
+    print("(random weights: the scores are noise; the token counts and timings are the point)")
+    return 1 if summary.failed else 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from visionzip_eval.visualize import visualize
+
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read image {args.image}: {error}") from error
+    if args.model == "builtin:tiny-llava":
+        from visionzip_eval.testing import build_tiny_llava
+
+        model, processor = build_tiny_llava(seed=0)
+    else:
+        import torch
+
+        from visionzip_eval.backends import load_pretrained
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        model, processor = load_pretrained(args.model, dtype, device)
+    budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
+    sheet, _ = visualize(model, processor, image, budgets)
+    out = args.out or f"{Path(args.image).stem}_visionzip.png"
+    sheet.save(out)
+    print(f"selection picture ({sheet.width}x{sheet.height}) written to {out}")
     return 0
 
 
@@ -102,10 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run VisionZip on a tiny offline model at full/192/128/64 tokens")
+    p = sub.add_parser(
+        "demo",
+        help="sweep + report + selection picture on a tiny offline model (CPU, a few minutes)",
+        description="Runs the tiny random-weight LLaVA over the smoke tasks at each budget with VisionZip and "
+        "the random baseline, writes the report (tables, figures) and a token-selection picture under "
+        "OUTPUT/report/, and prints the main table and the figure paths. Resumable like any sweep.",
+    )
+    p.add_argument("--output-dir", default="results/demo", help="where runs and report go (results/demo)")
     p.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"],
-                   help="budgets to run: full, a total (64) or a split (54+10)")
+                   help="budgets: full, a total (64) or a split (54+10)")
+    p.add_argument("--limit", type=int, default=12, help="samples per task (12; even, for MME's pairs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "visualize",
+        help="picture of which tokens VisionZip keeps and merges for an image",
+        description="Draws the image's patch grid at each budget: dominant patches framed yellow, merged patches "
+        "tinted with the colour of their contextual token (targets framed white), and the CLS-attention heatmap.",
+    )
+    p.add_argument("image", help="an image file")
+    p.add_argument("--budget", default="64", help="one budget or several, comma-separated: 192,128,64")
+    p.add_argument("--model", default="builtin:tiny-llava",
+                   help="builtin:tiny-llava (default), or a supported checkpoint (folder or hub id)")
+    p.add_argument("--out", help="output PNG (default: <image>_visionzip.png)")
+    p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser(
         "sweep",

@@ -1,62 +1,64 @@
-"""The README's first command: VisionZip on a tiny offline LLaVA at full/192/128/64 tokens.
+"""``visionzip-eval demo``: what VisionZip does and costs, on a laptop, offline, in minutes.
 
-Weights are random, so answers are noise; what it shows is the mechanism: how many visual
-tokens reach the LLM at each budget, the prompt length, and the time each stage takes.
+A sweep of the tiny model (built in memory) over the smoke tasks at full/192/128/64 tokens,
+VisionZip and the random baseline, then the report (tables and plots) and a token-selection
+picture, all under one folder. The tiny model's weights are random, so its scores are noise:
+the demo shows the mechanism and the efficiency columns, not accuracy.
 """
 
 from __future__ import annotations
 
-import time
-
-import torch
+from pathlib import Path
 
 from visionzip_eval.budget import Budget
-from visionzip_eval.compressor import make_reducer, remove_reduction, visionzip_processor
-from visionzip_eval.testing import build_tiny_llava, sample_images
+from visionzip_eval.sweep import SweepConfig, SweepSummary, run_sweep
 
-PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks"
+SMOKE_TASKS = [
+    "visionzip_smoke_gqa",
+    "visionzip_smoke_mmbench",
+    "visionzip_smoke_mme",
+    "visionzip_smoke_pope",
+    "visionzip_smoke_videomme",
+]
 
 
-@torch.no_grad()
-def run_demo(budgets=("full", 192, 128, 64), image: str = "astronaut", new_tokens: int = 8) -> list[dict]:
+def demo_config(output_dir: str | Path, tasks: list[str] | None = None, limit: int | None = 12,
+                budgets=("full", 192, 128, 64), methods=("visionzip", "random")) -> SweepConfig:
+    for budget in budgets:
+        Budget.parse(budget)  # a bad budget is a one-line error before anything runs
+    if not (REPO_TASKS / "visionzip_smoke").is_dir():
+        raise ValueError(
+            f"the smoke tasks are not at {REPO_TASKS}: run the demo from a checkout of the repository "
+            "(pip install -e .)"
+        )
+    return SweepConfig.model_validate(
+        dict(
+            name="demo",
+            models=[dict(name="tiny-llava", pretrained="builtin:tiny-llava", dtype="float32",
+                         attn_implementation="sdpa")],
+            methods=list(methods),
+            budgets=list(budgets),
+            tasks=tasks or SMOKE_TASKS,
+            include_path=str(REPO_TASKS),
+            limit=limit,
+            output_dir=str(output_dir),
+            lmms_eval=dict(gen_kwargs="max_new_tokens=8", bootstrap_iters=0, warmup=2),
+        )
+    )
+
+
+def run_demo(output_dir: str | Path = "results/demo", progress: bool = True, **config_overrides):
+    """Sweep, report, selection picture. Returns (summary, report, picture path)."""
+    from visionzip_eval.report import write_report
+    from visionzip_eval.testing import build_tiny_llava, sample_images
+    from visionzip_eval.visualize import visualize
+
+    config = demo_config(output_dir, **config_overrides)
+    summary: SweepSummary = run_sweep(config, output_dir, progress=progress)
+    report = write_report(output_dir)
     model, processor = build_tiny_llava(seed=0)
-    picture = sample_images()[image]
-    rows = []
-    for value in budgets:
-        budget = Budget.parse(value)
-        reducer = make_reducer(budget)
-        reducer.apply(model)
-        visionzip_processor(processor, model)
-        inputs = processor(images=picture, text=PROMPT, return_tensors="pt")
-        start = time.perf_counter()
-        reducer.encode_images(model, inputs["pixel_values"])
-        vision_ms = (time.perf_counter() - start) * 1e3
-        start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        generate_ms = (time.perf_counter() - start) * 1e3
-        remove_reduction(model)
-        rows.append(
-            dict(
-                budget=budget.label,
-                visual_tokens=int((inputs["input_ids"] == model.config.image_token_id).sum()),
-                prompt_tokens=inputs["input_ids"].shape[1],
-                vision_ms=vision_ms,
-                generate_ms=generate_ms,
-                answer=processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True),
-            )
-        )
-    visionzip_processor(processor, model)
-    return rows
-
-
-def format_demo_rows(rows: list[dict]) -> str:
-    lines = [
-        "| budget | visual tokens | prompt tokens | vision ms | generate ms (8 tokens) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['budget']} | {r['visual_tokens']} | {r['prompt_tokens']} "
-            f"| {r['vision_ms']:.1f} | {r['generate_ms']:.1f} |"
-        )
-    return "\n".join(lines)
+    sheet, _ = visualize(model, processor, sample_images()["astronaut"], [192, 128, 64])
+    picture = Path(report.directory) / "selection.png"
+    sheet.save(picture)
+    return summary, report, picture
