@@ -86,7 +86,8 @@ class Engine:
         self.backend = backend_for(model)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.decoder_shape = DecoderShape.from_config(self.backend.config.text_config)
+        config = self.backend.config
+        self.decoder_shape = DecoderShape.from_config(getattr(config, "text_config", None) or config)
         self.memory = PeakMemory(self.device)
         self.vision_calls = 0  # tower runs since construction (multi-turn reuse is checked on it)
         self.last_encode_vision_flops = 0  # vision FLOPs of the last encode()
@@ -211,7 +212,13 @@ class Engine:
         clock.mark("start")
         try:
             texts = [self.prompt(r) for r in requests]
-            if image_features is not None:
+            # a backend may build its own inputs (the llava package's models); it then encodes
+            # the images itself, and cached image_features are not used
+            own = self.backend.prepare_inputs(self.processor, texts, [r.images for r in requests])
+            if own is not None:
+                image_features = None
+                inputs = own
+            elif image_features is not None:
                 encoded = image_features if isinstance(image_features, dict) else {"image": image_features}
                 # fresh output objects: generate may rewrite them (beam expansion)
                 encoded = {k: BaseModelOutputWithPooling(pooler_output=v.pooler_output) for k, v in encoded.items()}
@@ -224,7 +231,7 @@ class Engine:
             inputs = self._to_device(inputs)
             if image_features is not None:
                 inputs["mm_encoder_outputs"] = encoded
-            out = self.model.generate(**inputs, **self._generate_kwargs(settings))
+            out = self.backend.generate(inputs, **self._generate_kwargs(settings))
             clock.mark("end")
         finally:
             self._clock = None
@@ -250,7 +257,6 @@ class Engine:
     def _outputs(self, requests, inputs, out, settings, clock, peak, reused) -> list[Output]:
         input_ids = inputs["input_ids"]
         prompt_len = input_ids.shape[1]
-        placeholder_ids = [i for i in (self.backend.image_token_id, self.backend.video_token_id) if i is not None]
         vision = self._vision_flops(inputs, requests) if not reused else [(0, 0)] * len(requests)
         eos = self.tokenizer.eos_token_id
         timings = dict(
@@ -262,8 +268,9 @@ class Engine:
         )
         outputs = []
         for row, request in enumerate(requests):
-            prompt_tokens = int(inputs["attention_mask"][row].sum())
-            visual = sum(int((input_ids[row] == token_id).sum()) for token_id in placeholder_ids)
+            visual, prompt_tokens = self.backend.count_tokens(
+                input_ids[row], inputs["attention_mask"][row], self.tokens_per_image
+            )
             new = out[row, prompt_len:].tolist()
             generated = len(new)
             if eos in new:

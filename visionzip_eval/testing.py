@@ -11,6 +11,12 @@ weights are random but deterministic by seed. Only the widths and depths shrink:
   Llama LLM.
 - ``build_tiny_llava_onevision``: LLaVA-OneVision (llava-hf/llava-onevision-qwen2-*-ov-hf):
   SigLIP 384 px / patch 14 (729 patches, no CLS), AnyRes up to 6x6 crops, videos; Qwen2 LLM.
+- ``build_tiny_llava_original``: the original ``llava`` package's LlavaLlamaForCausalLM
+  (liuhaotian/llava-v1.5-7b layout), saved to a folder its own builder loads offline.
+- ``build_tiny_qwen2_5_vl``: Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct): 14 px patches, 112 px
+  attention windows with full-attention blocks, 2x2 PatchMerger, M-RoPE Qwen2 LLM; dynamic
+  resolution capped at 224 x 224 px (64 merged tokens) by default; the vision ``qkv`` weights
+  are scaled up so attention is not uniform.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -345,6 +352,94 @@ def _instantiate(model_class, config, tokenizer, seed: int, attn_implementation:
     return model.eval()
 
 
+# -- original LLaVA (the llava package) --------------------------------------------------
+
+
+def build_tiny_llava_original(
+    directory: str | Path | None = None,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_hidden: int = 64,
+    vision_layers: int = 4,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+):
+    """A random-weight original LLaVA-1.5 (the ``llava`` package's ``LlavaLlamaForCausalLM``:
+    CLIP 336/14 tower read at layer -2 without CLS, ``mlp2x_gelu`` projector, Llama LLM, padded
+    square images) and its ``LlavaOriginalProcessor``, deterministic by seed; float32, eval.
+
+    Writes ``directory`` (a fresh temporary ``.../llava-tiny`` if None): ``vision_tower/`` (the
+    CLIP tower and its image processor, which ``mm_vision_tower`` names), the model and the
+    tokenizer, so ``llava.model.builder.load_pretrained_model(directory, None, "llava-tiny")``
+    loads it with no network (the builder needs "llava" in the model name). Needs the llava
+    package (``pip install --no-deps llava-torch==1.2.2.post1``).
+    """
+    import tempfile
+
+    from visionzip_eval.backends.llava_original import LlavaOriginalProcessor, llava_missing_error
+
+    try:
+        from llava.model import LlavaConfig as OriginalLlavaConfig, LlavaLlamaForCausalLM
+    except ImportError as error:
+        raise llava_missing_error() from error
+    directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="visionzip-")) / "llava-tiny"
+    tower_dir = directory / "vision_tower"
+    tokenizer = tiny_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    vision = tiny_llava_config(
+        len(tokenizer), 0, vision_hidden=vision_hidden, vision_layers=vision_layers, vision_heads=vision_heads
+    ).vision_config
+    config = OriginalLlavaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        # llava-v1.5-7b's multimodal settings
+        mm_vision_tower=str(tower_dir),
+        mm_hidden_size=vision_hidden,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        mm_patch_merge_type="flat",
+        image_aspect_ratio="pad",
+        tokenizer_padding_side="right",
+        tokenizer_model_max_length=2048,
+        use_mm_proj=True,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tower = CLIPVisionModel(vision)
+        tower.save_pretrained(tower_dir)  # first: the model reads the tower's config from there
+        image_processor.save_pretrained(tower_dir)
+        model = LlavaLlamaForCausalLM(config)  # the tower is built lazily (delay_load), not saved
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    wrapper = model.get_model().get_vision_tower()
+    wrapper.load_model()
+    wrapper.vision_tower.set_attn_implementation(attn_implementation)
+    model = model.eval()
+    return model, LlavaOriginalProcessor(tokenizer, wrapper.image_processor, model.config)
+
+
 def sample_images() -> dict[str, "PIL.Image.Image"]:  # noqa: F821
     """Real photographs that ship inside installed packages (no download)."""
     from PIL import Image
@@ -356,3 +451,122 @@ def sample_images() -> dict[str, "PIL.Image.Image"]:  # noqa: F821
         "chelsea": Image.fromarray(data.chelsea()),
         "rocket": Image.fromarray(data.rocket()),
     }
+
+
+# -- Qwen2.5-VL ----------------------------------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|endoftext|>",
+)
+# The chat template of Qwen/Qwen2.5-VL-*-Instruct, reduced to what the harness sends (text, images,
+# videos; default system prompt).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_qwen2_5_vl_processor(max_pixels: int = 224 * 224):
+    """Qwen2.5-VL's processor (dynamic resolution, 14 px patches, 2x2 merge) built in code; the
+    pixel range is shrunk (default at most 224 x 224 = 64 merged tokens) so CPU tests stay fast."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = tiny_tokenizer(QWEN_SPECIAL_TOKENS)
+    size = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+    common = dict(
+        size=size, patch_size=14, temporal_patch_size=2, merge_size=2,
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**common),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen2_5_vl(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_hidden: int = 64,
+    vision_depth: int = 4,
+    vision_heads: int = 4,
+    fullatt_block_indexes: tuple[int, ...] = (1, 3),
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    max_pixels: int = 224 * 224,
+):
+    """A random-weight Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct look-alike: 14 px patches, 2x2
+    PatchMerger, 112 px attention windows with full attention in ``fullatt_block_indexes``, M-RoPE
+    LLM) and its processor, deterministic by seed."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = tiny_qwen2_5_vl_processor(max_pixels)
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = text_hidden // text_heads
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_heads=vision_heads,
+            out_hidden_size=text_hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=list(fullatt_block_indexes),
+            hidden_act="silu",
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=text_hidden * 3,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads,
+            max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    config._attn_implementation = attn_implementation
+    for sub in (config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        with torch.no_grad():  # sharper than the 0.02 init: attention scores that are not uniform
+            for block in model.model.visual.blocks:
+                block.attn.qkv.weight.mul_(8.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), processor

@@ -15,6 +15,8 @@ from visionzip_eval.backends.base import (
 from visionzip_eval.backends import llava_hf  # noqa: F401  (registers itself)
 from visionzip_eval.backends import llava_next  # noqa: F401  (registers itself)
 from visionzip_eval.backends import llava_onevision  # noqa: F401  (registers itself)
+from visionzip_eval.backends import llava_original  # noqa: F401  (registers itself; matches only with llava installed)
+from visionzip_eval.backends import qwen2_5_vl  # noqa: F401  (registers itself)
 
 
 BUILTIN_TINY = "builtin:tiny-llava"
@@ -23,6 +25,8 @@ BUILTIN_TINY_MODELS = {
     BUILTIN_TINY: "build_tiny_llava",
     "builtin:tiny-llava-next": "build_tiny_llava_next",
     "builtin:tiny-llava-onevision": "build_tiny_llava_onevision",
+    "builtin:tiny-llava-original": "build_tiny_llava_original",
+    "builtin:tiny-qwen2.5-vl": "build_tiny_qwen2_5_vl",
 }
 
 
@@ -41,6 +45,8 @@ def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | N
         model, processor = build(seed=0, attn_implementation=attn_implementation or "sdpa")
         return model.to(device=device, dtype=dtype), processor
 
+    if _is_original_llava(pretrained):  # the llava package's checkpoints (liuhaotian/llava-v1.5-*)
+        return llava_original.load_pretrained(pretrained, dtype, device, attn_implementation)
     try:
         config = AutoConfig.from_pretrained(pretrained)
     except (OSError, ValueError) as error:
@@ -52,12 +58,25 @@ def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | N
         "llava": llava_hf.load_pretrained,
         "llava_next": llava_next.load_pretrained,
         "llava_onevision": llava_onevision.load_pretrained,
+        "qwen2_5_vl": qwen2_5_vl.load_pretrained,
     }
     if config.model_type not in loaders:
         raise ValueError(
             f"{pretrained!r} is a {config.model_type!r} model; supported model types: {', '.join(loaders)}"
         )
     return loaders[config.model_type](pretrained, dtype, device, attn_implementation)
+
+
+def _is_original_llava(pretrained: str) -> bool:
+    """An original-LLaVA checkpoint (``model_type`` ``llava_llama``, or ``mm_vision_tower`` in
+    its config.json), read raw: AutoConfig knows ``llava_llama`` only once llava is imported."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(pretrained)
+    except (OSError, ValueError):
+        return False  # AutoConfig below reports it
+    return llava_original.is_original_llava_config(config)
 
 
 __all__ = ["BACKENDS", "TowerSignals", "VLMBackend", "backend_for", "load_pretrained", "register_backend"]

@@ -173,6 +173,28 @@ class VLMBackend(ABC):
         pixel_values = inputs.get("pixel_values")
         return [1] * (0 if pixel_values is None else len(pixel_values)), []
 
+    # -- generation (defaults: a transformers processor builds the inputs) ---------------------
+    def prepare_inputs(self, processor, texts: list[str], images: list[list]) -> dict | None:
+        """For models that do not take a transformers processor's outputs: the inputs of a batch
+        (``texts``: the prompts from ``chat_prompt``; ``images``: per request its images), left
+        padded, with at least ``input_ids`` and ``attention_mask`` (what ``count_tokens`` reads);
+        ``generate`` consumes them. ``None`` (default): the engine uses the processor."""
+        return None
+
+    def generate(self, inputs: Mapping[str, torch.Tensor], **kwargs) -> torch.Tensor:
+        """Generate for a batch; returns the sequences with the prompt first (as transformers'
+        ``generate`` does): row r's new tokens start at ``inputs["input_ids"].shape[1]``."""
+        return self.model.generate(**inputs, **kwargs)
+
+    def count_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens_per_image: int
+    ) -> tuple[int, int]:
+        """(visual tokens, prompt tokens) the LLM receives for one row of the inputs (visual
+        included in the prompt). Default: the prompt carries one placeholder per visual token."""
+        placeholders = [i for i in (self.image_token_id, self.video_token_id) if i is not None]
+        visual = sum(int((input_ids == token_id).sum()) for token_id in placeholders)
+        return visual, int(attention_mask.sum())
+
 
 BACKENDS: list[type[VLMBackend]] = []
 

@@ -39,6 +39,66 @@ def _first_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def feature_layer_index(feature_layer: int, num_layers: int) -> int:
+    """Index into the tower's ``encoder.layers`` of the layer whose output is
+    ``hidden_states[feature_layer]`` (``hidden_states`` has ``num_layers + 1`` entries; entry
+    i >= 1 is the output of ``layers[i - 1]``), so LLaVA's -2 is the penultimate layer."""
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"vision feature layer {feature_layer!r}: VisionZip needs a single feature layer")
+    position = feature_layer % (num_layers + 1)
+    if position == 0:
+        raise ValueError("the vision feature layer selects the embeddings, not a transformer layer")
+    return position - 1
+
+
+def capture_layer(
+    tower: nn.Module, layer: nn.Module, pixel_values: torch.Tensor, attention: bool, cls_token: bool = True
+) -> TowerSignals:
+    """Run a CLIP / SigLIP ``tower`` (a transformers vision model) until ``layer`` (one of its
+    ``encoder.layers``) has run, and return that layer's signals: its output, and with
+    ``attention`` its projected CLS query (every query without a CLS token) and keys, captured
+    by forward hooks on ``q_proj`` / ``k_proj`` (the tower keeps SDPA / FlashAttention). The
+    hooks are removed before returning; the layers after ``layer`` never run."""
+    attn = layer.self_attn
+    store: dict[str, torch.Tensor] = {}
+
+    def on_query(module, args, output):
+        if cls_token:
+            store["query_cls"] = output[:, 0]
+        else:
+            store["queries"] = output
+
+    def on_keys(module, args, output):
+        store["keys"] = output
+
+    def on_layer(module, args, output):
+        store["hidden"] = _first_tensor(output)
+        raise _StopTower
+
+    handles = [layer.register_forward_hook(on_layer)]
+    if attention:
+        handles += [
+            attn.q_proj.register_forward_hook(on_query),
+            attn.k_proj.register_forward_hook(on_keys),
+        ]
+    try:
+        tower(pixel_values)
+    except _StopTower:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return TowerSignals(
+        hidden=store["hidden"],
+        num_heads=attn.num_heads,
+        scale=attn.scale,
+        query_cls=store.get("query_cls"),
+        keys=store.get("keys"),
+        queries=store.get("queries"),
+        cls_token=cls_token,
+    )
+
+
 @register_backend
 class LlavaHFBackend(VLMBackend):
     name = "llava-hf (LlavaForConditionalGeneration, CLIP tower)"
@@ -130,44 +190,8 @@ class LlavaHFBackend(VLMBackend):
         return {"image": self.core.get_image_features(pixel_values=inputs["pixel_values"])}
 
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
-        layer = self.layers[self.layer_index]
-        attn = layer.self_attn
-        store: dict[str, torch.Tensor] = {}
-
-        def on_query(module, args, output):
-            if self.cls_token:
-                store["query_cls"] = output[:, 0]
-            else:
-                store["queries"] = output
-
-        def on_keys(module, args, output):
-            store["keys"] = output
-
-        def on_layer(module, args, output):
-            store["hidden"] = _first_tensor(output)
-            raise _StopTower
-
-        handles = [layer.register_forward_hook(on_layer)]
-        if attention:
-            handles += [
-                attn.q_proj.register_forward_hook(on_query),
-                attn.k_proj.register_forward_hook(on_keys),
-            ]
-        try:
-            self.core.vision_tower(pixel_values)
-        except _StopTower:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return TowerSignals(
-            hidden=store["hidden"],
-            num_heads=attn.num_heads,
-            scale=attn.scale,
-            query_cls=store.get("query_cls"),
-            keys=store.get("keys"),
-            queries=store.get("queries"),
-            cls_token=self.cls_token,
+        return capture_layer(
+            self.core.vision_tower, self.layers[self.layer_index], pixel_values, attention, self.cls_token
         )
 
     def full_features(self, signals: TowerSignals) -> torch.Tensor:
