@@ -57,6 +57,21 @@ class TowerSignals:
         return head_mean_keys(self.keys, self.num_heads)
 
 
+def chat_messages(turns: list[tuple[str, str | None]], images: int, videos: int = 0) -> list[dict]:
+    """transformers chat messages for ``turns`` of (user text, reply or None), with the image and
+    video placeholders in the first user turn (what ``apply_chat_template`` takes)."""
+    messages = []
+    for index, (user, reply) in enumerate(turns):
+        first = index == 0
+        content = [{"type": "image"} for _ in range(images if first else 0)]
+        content += [{"type": "video"} for _ in range(videos if first else 0)]
+        content.append({"type": "text", "text": user})
+        messages.append({"role": "user", "content": content})
+        if reply is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+    return messages
+
+
 class VLMBackend(ABC):
     """One model family. Instances wrap one model and hold no other state.
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_eval.backends.base import TowerSignals, VLMBackend, register_backend
+from visionzip_eval.backends.base import TowerSignals, VLMBackend, chat_messages, register_backend
 from visionzip_eval.profiling import vit_flops
 from visionzip_eval.selection import Selection
 
@@ -168,15 +168,8 @@ class LlavaHFBackend(VLMBackend):
     def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int, videos: int = 0) -> str:
         if videos:
             raise ValueError(f"{self.name} takes videos as frames (images), not as videos")
-        messages = []
-        for index, (user, reply) in enumerate(turns):
-            content = [{"type": "image"} for _ in range(images if index == 0 else 0)]
-            content.append({"type": "text", "text": user})
-            messages.append({"role": "user", "content": content})
-            if reply is not None:
-                messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
         if getattr(processor, "chat_template", None):
-            return processor.apply_chat_template(messages, add_generation_prompt=True)
+            return processor.apply_chat_template(chat_messages(turns, images, videos), add_generation_prompt=True)
         # llava-1.5's own format, for processors saved without a template
         text = ""
         for index, (user, reply) in enumerate(turns):

@@ -50,7 +50,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches,
 )
 
-from visionzip_eval.backends.base import TowerSignals, register_backend
+from visionzip_eval.backends.base import TowerSignals, chat_messages, register_backend
 from visionzip_eval.backends.llava_hf import _core
 from visionzip_eval.backends.llava_next import (
     LlavaNextBackend,
@@ -138,17 +138,8 @@ class LlavaOnevisionBackend(LlavaNextBackend):
 
     # -- prompts and inputs -----------------------------------------------------------------
     def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int, videos: int = 0) -> str:
-        messages = []
-        for index, (user, reply) in enumerate(turns):
-            first = index == 0
-            content = [{"type": "image"} for _ in range(images if first else 0)]
-            content += [{"type": "video"} for _ in range(videos if first else 0)]
-            content.append({"type": "text", "text": user})
-            messages.append({"role": "user", "content": content})
-            if reply is not None:
-                messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
         if getattr(processor, "chat_template", None):
-            return processor.apply_chat_template(messages, add_generation_prompt=True)
+            return processor.apply_chat_template(chat_messages(turns, images, videos), add_generation_prompt=True)
         # the -ov-hf checkpoints' (Qwen2 ChatML) format, for processors saved without a template
         text = ""
         for index, (user, reply) in enumerate(turns):

@@ -58,7 +58,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.vision_utils import get_vision_window_index
 
-from visionzip_eval.backends.base import TowerSignals, VLMBackend, register_backend
+from visionzip_eval.backends.base import TowerSignals, VLMBackend, chat_messages, register_backend
 from visionzip_eval.selection import Selection, received_attention
 
 NOMINAL_GRID = (1, 32, 32)  # 448 x 448 px, for vision_flops
@@ -175,17 +175,8 @@ class Qwen2_5_VLBackend(VLMBackend):
 
     # -- prompts and inputs -----------------------------------------------------------------
     def chat_prompt(self, processor, turns: list[tuple[str, str | None]], images: int, videos: int = 0) -> str:
-        messages = []
-        for index, (user, reply) in enumerate(turns):
-            first = index == 0
-            content = [{"type": "image"} for _ in range(images if first else 0)]
-            content += [{"type": "video"} for _ in range(videos if first else 0)]
-            content.append({"type": "text", "text": user})
-            messages.append({"role": "user", "content": content})
-            if reply is not None:
-                messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
         if getattr(processor, "chat_template", None):
-            return processor.apply_chat_template(messages, add_generation_prompt=True)
+            return processor.apply_chat_template(chat_messages(turns, images, videos), add_generation_prompt=True)
         text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         for index, (user, reply) in enumerate(turns):
             first = index == 0
