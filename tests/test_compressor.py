@@ -15,6 +15,7 @@ from visionzip_eval import (
 from visionzip_eval.backends import backend_for
 from visionzip_eval.selection import visionzip_select
 from visionzip_eval.testing import build_tiny_llava, sample_images
+from helpers import hooks, llm_input_embeddings
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
@@ -36,14 +37,6 @@ def reference_encode(model, pixel_values, dominant, contextual):
     return model.model.multi_modal_projector(tokens)
 
 
-def hooks(model):
-    """Every hook on every module, plus our instance override: the state VisionZip may touch.
-    (transformers installs its own output-capturing hooks lazily, so compare snapshots.)"""
-    return {
-        name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
-        for name, m in model.named_modules()
-        if m._forward_hooks or m._forward_pre_hooks
-    }, "get_image_features" in model.model.__dict__
 
 
 @pytest.mark.parametrize("dominant, contextual", [(54, 10), (108, 20), (162, 30), (5, 2)])
@@ -83,21 +76,6 @@ def test_tower_stops_after_the_feature_layer(tiny, pixel_values):
     assert calls == list(range(len(layers) - 1))  # the last layer's output is never used
 
 
-def llm_input_embeddings(model, **inputs):
-    """Generate, and return the embeddings the language model received at prefill."""
-    seen = []
-
-    def grab(module, args, kwargs):
-        if not seen:
-            seen.append(kwargs["inputs_embeds"].detach().clone())
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    finally:
-        handle.remove()
-    return seen[0], out
 
 
 def test_one_liner_feeds_exactly_64_rows_per_image(tiny):

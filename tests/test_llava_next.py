@@ -27,6 +27,7 @@ from visionzip_eval.backends.llava_next import (
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import visionzip_select
 from visionzip_eval.testing import build_tiny_llava_next, sample_images
+from helpers import hooks, llm_input_embeddings
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
@@ -174,29 +175,8 @@ def test_full_path_equals_vanilla_image_features(next_tiny):
     assert all(torch.equal(a, b) for a, b in zip(ours, vanilla))
 
 
-def llm_input_embeddings(model, **inputs):
-    """Generate, and return the embeddings the language model received at prefill."""
-    seen = []
-
-    def grab(module, args, kwargs):
-        if not seen:
-            seen.append(kwargs["inputs_embeds"].detach().clone())
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    finally:
-        handle.remove()
-    return seen[0], out
 
 
-def hooks(model):
-    return {
-        name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
-        for name, m in model.named_modules()
-        if m._forward_hooks or m._forward_pre_hooks
-    }, sorted(k for k in model.model.__dict__ if k.startswith("get_"))
 
 
 def test_one_liner_feeds_exactly_units_times_64_rows_per_image():

@@ -26,6 +26,7 @@ from visionzip_eval.backends.llava_onevision import LlavaOnevisionBackend
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import received_attention, visionzip_select
 from visionzip_eval.testing import build_tiny_llava_onevision, sample_images
+from helpers import hooks, llm_input_embeddings
 
 VIDEO = Path(__file__).resolve().parents[1] / "tasks/visionzip_smoke/data/videomme/data/vz_red_ball.mp4"
 
@@ -174,28 +175,8 @@ def test_full_path_equals_vanilla_features(ov_tiny):
     assert torch.equal(ours_video, vanilla_video)
 
 
-def llm_input_embeddings(model, **inputs):
-    seen = []
-
-    def grab(module, args, kwargs):
-        if not seen:
-            seen.append(kwargs["inputs_embeds"].detach().clone())
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    finally:
-        handle.remove()
-    return seen[0], out
 
 
-def hooks(model):
-    return {
-        name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
-        for name, m in model.named_modules()
-        if m._forward_hooks or m._forward_pre_hooks
-    }, sorted(k for k in model.model.__dict__ if k.startswith("get_"))
 
 
 def stitched_reference(unit_rows, unit_positions, grid, patch_grid=(27, 27)):
