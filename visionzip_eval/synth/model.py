@@ -1,0 +1,129 @@
+"""The tiny reference VLM trained on the synthetic benchmark: architecture, tokenizer, prompts.
+
+Architecture: LLaVA-1.5 exactly (``LlavaForConditionalGeneration``: a CLIP tower at 336 px /
+patch 14, so 576 patches + CLS, features from layer -2 without CLS, a two-layer GELU projector,
+a Llama LLM), only narrower and shallower (:data:`SIZES`). The tokenizer is word-level over
+the benchmark's vocabulary: every prompt the ``visionzip_synth_*`` tasks produce, every answer,
+and the chat template's words, so a question is ~15-40 tokens after the 576 image tokens.
+
+Prompts are built by lmms-eval's own ``doc_to_text`` functions and the model's chat template,
+the same path the adapter takes at evaluation, so the trainer sees the exact token sequences
+the benchmark will show the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+
+from visionzip_eval.synth.questions import NUMBER_WORDS, RELATION_PHRASE
+from visionzip_eval.synth.scenes import COLOR_NAMES, SHAPES
+from visionzip_eval.testing import LLAVA15_CHAT_TEMPLATE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tiny_llava_config
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+IMAGE_TOKEN = "<image>"
+SIZES = dict(vision_hidden=96, vision_layers=4, vision_heads=4, text_hidden=128, text_layers=3, text_heads=4,
+             text_kv_heads=4)
+
+# lmms-eval's prompt pieces (the tasks' default lmms_eval_specific_kwargs) and the template.
+PROMPT_PARTS = (
+    "USER: ASSISTANT:",
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "Please answer yes or no.",
+)
+
+
+def split_words(text: str) -> list[str]:
+    """The tokenizer's pre-tokenization: runs of word characters, runs of punctuation."""
+    return [word for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def vocabulary(corpus: list[str]) -> list[str]:
+    """Special tokens, then every word of ``corpus``, the prompt parts and the answer words,
+    sorted, so the ids depend only on the set of words."""
+    words = set()
+    for text in [*corpus, *PROMPT_PARTS]:
+        words.update(split_words(text))
+    words.update(COLOR_NAMES)
+    words.update(SHAPES)
+    words.update(NUMBER_WORDS)
+    words.update(RELATION_PHRASE)
+    words.update(str(d) for d in range(10))
+    words.update(["A", "B", "C", "D", ".", "yes", "no", "Yes", "No"])
+    return SPECIAL_TOKENS + sorted(words)
+
+
+def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer; unknown words become <unk>; decoding joins words with spaces."""
+    vocab = {token: i for i, token in enumerate(vocabulary(corpus))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=LLAVA15_CHAT_TEMPLATE)
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
+    config = tiny_llava_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                               **SIZES)
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def pixel_values(images: list, dtype=torch.float32) -> torch.Tensor:
+    """What the CLIP processor gives for 336 x 336 RGB images (no resize, no crop: rescale and
+    normalise only), without its per-image Python overhead; tests check the equality."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 255.0
+    array = (array - np.array(OPENAI_CLIP_MEAN, np.float32)) / np.array(OPENAI_CLIP_STD, np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(dtype)
+
+
+# ------------------------------------------------------------------ prompts, as lmms-eval builds them
+
+
+def doc_prompt(bench: str, doc: dict) -> str:
+    """The question text lmms-eval's task gives the model (its doc_to_text, default kwargs)."""
+    from lmms_eval.tasks.gqa.utils import gqa_doc_to_text
+    from lmms_eval.tasks.mme.utils import mme_doc_to_text
+    from lmms_eval.tasks.pope.utils import pope_doc_to_text
+
+    single_word = {"pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase."}
+    if bench == "pope":
+        return pope_doc_to_text(doc, single_word)
+    if bench == "mme":
+        return mme_doc_to_text(doc, single_word)
+    if bench == "gqa":
+        return gqa_doc_to_text(doc, single_word)
+    if bench == "mmbench":
+        from lmms_eval.tasks.mmbench.en_utils import mmbench_doc_to_text
+
+        return mmbench_doc_to_text(doc, {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."})
+    raise ValueError(f"unknown synthetic benchmark {bench!r}")
+
+
+def chat_prompt(model: LlavaForConditionalGeneration, processor: LlavaProcessor, question: str) -> str:
+    """The full prompt with one <image> placeholder, as the adapter renders it (one turn)."""
+    from visionzip_eval.backends import backend_for
+
+    return backend_for(model).chat_prompt(processor, [(question, None)], images=1)
