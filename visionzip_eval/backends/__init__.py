@@ -20,6 +20,7 @@ from visionzip_eval.backends import qwen2_5_vl  # noqa: F401  (registers itself)
 
 
 BUILTIN_TINY = "builtin:tiny-llava"
+from visionzip_eval.synth.weights import BUILTIN_NAME as BUILTIN_TRAINED  # noqa: E402  (the trained reference model)
 # builtin name -> builder in visionzip_eval.testing
 BUILTIN_TINY_MODELS = {
     BUILTIN_TINY: "build_tiny_llava",
@@ -33,11 +34,18 @@ BUILTIN_TINY_MODELS = {
 def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | None = None):
     """Load a supported checkpoint by its config's ``model_type``: (model, processor).
 
-    ``builtin:tiny-llava`` (``-next``, ``-onevision``) builds the tiny random-weight LLaVA-1.5
-    (LLaVA-NeXT, LLaVA-OneVision) of ``visionzip_eval.testing`` in memory (offline, seed 0).
+    ``builtin:tiny-llava`` (``-next``, ``-onevision``, ...) builds the tiny random-weight LLaVA-1.5
+    (LLaVA-NeXT, LLaVA-OneVision, ...) of ``visionzip_eval.testing`` in memory (offline, seed 0);
+    ``builtin:tiny-llava-synth`` loads the tiny LLaVA trained on the synthetic benchmark, whose
+    weights ship in the package (``visionzip_eval/synth/tiny-llava-synth``).
     """
     from transformers import AutoConfig
 
+    if pretrained == BUILTIN_TRAINED:
+        from visionzip_eval.synth.weights import load_trained
+
+        model, processor = load_trained(attn_implementation=attn_implementation or "sdpa")
+        return model.to(device=device, dtype=dtype), processor
     if pretrained in BUILTIN_TINY_MODELS:
         from visionzip_eval import testing
 

@@ -47,8 +47,12 @@ def adversarial_pairs(scene: Scene) -> list[tuple[str, str]]:
     return [(c, s) for c, s in absent_pairs(scene) if c in present_colors or s in present_shapes]
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def existence_question(color: str, shape: str) -> str:
-    return f"Is there a {color} {shape} in the image?"
+    return f"Is there {article(color)} {color} {shape} in the image?"
 
 
 def pope_questions(scene: Scene, rng: np.random.Generator, popular: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
@@ -111,8 +115,8 @@ def mme_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     if category == "existence":
         present = _pick(rng, scene.objects)
         absent = _pick(rng, adversarial_pairs(scene) or absent_pairs(scene))
-        yes = f"Is there a {present.name} in this image?"
-        no = f"Is there a {absent[0]} {absent[1]} in this image?"
+        yes = f"Is there {article(present.color)} {present.name} in this image?"
+        no = f"Is there {article(absent[0])} {absent[0]} {absent[1]} in this image?"
     elif category == "count":
         n = len(scene.objects)
         wrong = _pick(rng, [m for m in (n - 1, n + 1) if 1 <= m <= len(NUMBER_WORDS) - 1])
@@ -153,7 +157,7 @@ def gqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str,
         return f"What color is the {obj.shape}?", obj.color, f"The {obj.shape} is {obj.color}.", kind
     if kind == "shape":
         obj = _pick(rng, _unique_colors(scene))
-        return f"What shape is the {obj.color} object?", obj.shape, f"The {obj.color} object is a {obj.shape}.", kind
+        return f"What shape is the {obj.color} object?", obj.shape, f"The {obj.color} object is {article(obj.shape)} {obj.shape}.", kind
     a, b, relation = _pick(rng, _separated_pairs(scene))
     if relation in ("left", "right"):
         question = f"Is the {a.name} to the left or to the right of the {b.name}?"

@@ -1,0 +1,352 @@
+"""Train the tiny reference VLM on synthetic scenes, on a CPU, in minutes.
+
+Two stages, as LLaVA itself is built (a pretrained CLIP, then the projector and LLM on top):
+
+1. **Vision tower** (CLIP architecture, from scratch) on freshly drawn scenes, with two
+   auxiliary heads that play the part of CLIP's contrastive pretraining:
+   - on the CLS token (at layer -2, the layer VisionZip reads, and at the last layer's pooled
+     output): which (colour, shape) pairs are in the image (multi-label), so the CLS token
+     has to gather object evidence, and its attention concentrates on informative patches as
+     in CLIP;
+   - on every patch token at layer -2: which object, if any, covers it, so the patch
+     features the LLM reads carry colour, shape and place.
+2. **Projector + LLM** (the tower frozen): visual-instruction tuning on questions of all four
+   benchmark formats, built by lmms-eval's own prompt functions. The tower's layer -2
+   features of a fixed set of training scenes are computed once; a step then runs the LLM
+   once over the shared prefix ``<s> USER : <image>*576`` of a batch of images, repeats its
+   key/value cache for several questions per image, and runs only the questions on top:
+   causal attention makes the image positions' states independent of the question, so this
+   is the same computation as running every (image, question) sequence in full, ~6x cheaper.
+
+Training scenes come from seeds disjoint from the benchmark's (:data:`EVAL_SEED`), so the
+benchmark's scenes are never seen. Everything is seeded; ``scripts/train_tiny_vlm.py`` is the
+command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from visionzip_eval.synth import benchmark as B
+from visionzip_eval.synth import model as M
+from visionzip_eval.synth.scenes import NUM_COMBOS, patch_labels, presence, random_scene, render
+
+TRAIN_SEED_OFFSET = 1_000_003  # training scenes: seeds never used by the benchmark (EVAL_SEED)
+FORMAT_WEIGHTS = {"pope": 0.3, "mme": 0.2, "gqa": 0.3, "mmbench": 0.2}
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    tower_steps: int = 1200
+    tower_batch: int = 16
+    tower_lr: float = 2e-3
+    llm_scenes: int = 5000  # fixed training images for stage 2 (features cached)
+    llm_steps: int = 2500
+    llm_images: int = 8  # images per step
+    llm_questions: int = 6  # questions per image per step
+    llm_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    threads: int = 2  # fixed, so that runs on bigger machines reduce in the same order
+    log_every: int = 50
+    extra: dict = field(default_factory=dict)
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
+def scene_image(scene):
+    """A rendered scene through the benchmark's JPEG encoding (what the model sees at test time)."""
+    return B.decode(B.encode(render(scene)[0]))
+
+
+# ---------------------------------------------------------------- stage 1: the vision tower
+
+
+class TowerHeads(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cls = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, NUM_COMBOS))
+        self.pooled = nn.Linear(hidden, NUM_COMBOS)
+        self.patch = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, NUM_COMBOS + 1))
+
+
+def tower_batch(rng: np.random.Generator, size: int):
+    scenes = [random_scene(rng) for _ in range(size)]
+    images, labels = [], []
+    for scene in scenes:
+        image, object_map = render(scene)
+        images.append(B.decode(B.encode(image)))
+        labels.append(patch_labels(scene, object_map))
+    return (M.pixel_values(images), torch.from_numpy(np.stack([presence(s) for s in scenes])),
+            torch.from_numpy(np.stack(labels)))
+
+
+def tower_losses(tower, heads: TowerHeads, pixels, present, patches) -> dict[str, torch.Tensor]:
+    out = tower(pixel_values=pixels, output_hidden_states=True)
+    layer = out.hidden_states[-2]  # what LLaVA (and VisionZip) read
+    background_weight = torch.ones(NUM_COMBOS + 1)
+    background_weight[0] = 0.2  # most patches are background
+    return {
+        "cls": F.binary_cross_entropy_with_logits(heads.cls(layer[:, 0]), present),
+        "pooled": F.binary_cross_entropy_with_logits(heads.pooled(out.pooler_output), present),
+        "patch": F.cross_entropy(heads.patch(layer[:, 1:]).flatten(0, 1), patches.flatten(), weight=background_weight),
+    }
+
+
+def train_tower(model, config: TrainConfig, log: Callable[[str], None]) -> dict:
+    tower = model.model.vision_tower
+    heads = TowerHeads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = _optimizer(params, config.tower_lr, config.weight_decay)
+    rng = np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 1])
+    tower.train()
+    history, start = [], time.perf_counter()
+    for step in range(config.tower_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.tower_lr * _schedule(step, config.tower_steps, config.warmup)
+        losses = tower_losses(tower, heads, *tower_batch(rng, config.tower_batch))
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % config.log_every == 0 or step == config.tower_steps - 1:
+            entry = {"step": step, **{k: round(v.item(), 4) for k, v in losses.items()}}
+            history.append(entry)
+            log(f"tower {step:5d}/{config.tower_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step")
+                + f"  {time.perf_counter() - start:.0f}s")
+    tower.eval()
+    return {"history": history, "seconds": round(time.perf_counter() - start, 1), "heads": heads}
+
+
+@torch.no_grad()
+def tower_accuracy(tower, heads: TowerHeads, rng: np.random.Generator, batches: int = 8, size: int = 16) -> dict:
+    """Held-out: exact-set accuracy of the CLS presence head and per-object-patch accuracy."""
+    exact, objects_right, objects = 0, 0, 0
+    for _ in range(batches):
+        pixels, present, patches = tower_batch(rng, size)
+        layer = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        exact += ((heads.cls(layer[:, 0]) > 0).float() == present).all(dim=1).sum().item()
+        guess = heads.patch(layer[:, 1:]).argmax(-1)
+        on_object = patches > 0
+        objects_right += (guess[on_object] == patches[on_object]).sum().item()
+        objects += on_object.sum().item()
+    return {"cls_exact_set": round(exact / (batches * size), 4), "patch_object_acc": round(objects_right / max(1, objects), 4)}
+
+
+# ---------------------------------------------------------------- stage 2: projector + LLM
+
+
+@dataclass
+class QuestionSet:
+    """Tokenised training questions: per scene a list of (suffix ids, number of answer tokens)."""
+
+    prefix: list[int]
+    per_scene: list[list[tuple[list[int], int]]]
+
+
+def _train_docs(rng: np.random.Generator, n_scenes: int) -> tuple[list, list[list[tuple[str, dict]]]]:
+    """Scenes and, per scene, (benchmark, doc) questions of every format."""
+    scenes = [random_scene(rng) for _ in range(n_scenes)]
+    popular = B.popular_pairs(scenes)
+    from visionzip_eval.synth import questions as Q
+
+    per_scene: list[list[tuple[str, dict]]] = []
+    letters = "ABCD"
+    for scene in scenes:
+        docs = [("pope", {"question": q, "answer": a}) for q, a, _ in Q.pope_questions(scene, rng, popular)]
+        category, yes, no = Q.mme_pair(scene, rng)
+        docs += [("mme", {"question": yes, "answer": "Yes"}), ("mme", {"question": no, "answer": "No"})]
+        for _ in range(3):
+            question, answer, *_ = Q.gqa_question(scene, rng)
+            docs.append(("gqa", {"question": question, "answer": answer}))
+        for _ in range(2):
+            question, options, correct, category, l2 = Q.mmbench_question(scene, rng)
+            docs.append(("mmbench", {"index": 0, "question": question, "hint": None, "answer": letters[correct],
+                                     **dict(zip(letters, options)), "category": category, "L2-category": l2,
+                                     "source": "train", "split": "train"}))
+        per_scene.append(docs)
+    return scenes, per_scene
+
+
+def tokenize_questions(model, processor, per_scene_docs) -> QuestionSet:
+    """Split every prompt at its <image> placeholder: the part before is the same for all (the
+    shared prefix), the part after plus the answer and </s> is the question's suffix."""
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(M.IMAGE_TOKEN)
+    prefix = None
+    per_scene = []
+    for docs in per_scene_docs:
+        items = []
+        for bench, doc in docs:
+            ids = tokenizer(M.chat_prompt(model, processor, M.doc_prompt(bench, doc)))["input_ids"]
+            cut = ids.index(image_id)
+            if prefix is None:
+                prefix = ids[:cut]
+            elif ids[:cut] != prefix:
+                raise ValueError("prompts differ before the image placeholder; the shared-prefix trick does not apply")
+            answer = tokenizer(doc["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            items.append((ids[cut + 1:] + answer, len(answer)))
+        per_scene.append(items)
+    return QuestionSet(prefix, per_scene)
+
+
+@torch.no_grad()
+def tower_features(model, scenes, batch: int = 32, log: Callable[[str], None] = print) -> torch.Tensor:
+    """Layer -2 patch features (CLS dropped, as LLaVA's "default" strategy) of every scene, fp16."""
+    tower = model.model.vision_tower
+    chunks = []
+    for start in range(0, len(scenes), batch):
+        pixels = M.pixel_values([scene_image(s) for s in scenes[start:start + batch]])
+        chunks.append(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:].to(torch.float16))
+        if start // batch % 20 == 0:
+            log(f"features {start + len(chunks[-1])}/{len(scenes)}")
+    return torch.cat(chunks)
+
+
+def llm_step_loss(model, features: torch.Tensor, prefix: list[int], suffixes: list[list[int]],
+                  answer_lengths: list[int], per_image: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean answer-token cross-entropy, and the number of questions whose answer tokens were all
+    argmax-right. ``features``: (I, 576, D); ``suffixes``: I * per_image, image-major."""
+    core, lm = model.model, model.model.language_model
+    embed = lm.get_input_embeddings()
+    images = features.shape[0]
+    image_embeds = core.multi_modal_projector(features.float())
+    prefix_embeds = embed(torch.tensor(prefix)).unsqueeze(0).expand(images, -1, -1)
+    cache = lm(inputs_embeds=torch.cat([prefix_embeds, image_embeds], dim=1), use_cache=True).cache
+    cache.batch_repeat_interleave(per_image)
+    length = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), length), pad_id)
+    labels = torch.full((len(suffixes), length), -100)
+    for row, (suffix, n_answer) in enumerate(zip(suffixes, answer_lengths)):
+        ids[row, :len(suffix)] = torch.tensor(suffix)
+        labels[row, len(suffix) - n_answer:len(suffix)] = torch.tensor(suffix[-n_answer:])
+    # right padding: pads come after every real token, so causal attention never sees them
+    hidden = lm(inputs_embeds=embed(ids), cache=cache, use_cache=True).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1])
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    answered = targets != -100
+    right = ((logits.argmax(-1) == targets) | ~answered).all(dim=1).sum()
+    return loss, right
+
+
+def train_llm(model, processor, config: TrainConfig, log: Callable[[str], None]) -> dict:
+    rng = np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 2])
+    start = time.perf_counter()
+    scenes, docs = _train_docs(rng, config.llm_scenes)
+    questions = tokenize_questions(model, processor, docs)
+    features = tower_features(model, scenes, log=log)
+    log(f"stage 2 data: {len(scenes)} scenes, {sum(map(len, questions.per_scene))} questions, "
+        f"{features.numel() * 2 / 2**20:.0f} MiB of features, {time.perf_counter() - start:.0f}s")
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    params = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
+              *model.lm_head.parameters()]
+    optimizer = _optimizer(params, config.llm_lr, config.weight_decay)
+    pad_id = processor.tokenizer.pad_token_id
+    model.train()
+    history, running, right, seen = [], 0.0, 0, 0
+    for step in range(config.llm_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.llm_lr * _schedule(step, config.llm_steps, config.warmup)
+        chosen = rng.choice(len(scenes), size=config.llm_images, replace=False)
+        suffixes, lengths = [], []
+        for index in chosen:
+            pool = questions.per_scene[int(index)]
+            for pick in rng.choice(len(pool), size=config.llm_questions, replace=len(pool) < config.llm_questions):
+                suffixes.append(pool[int(pick)][0])
+                lengths.append(pool[int(pick)][1])
+        loss, correct = llm_step_loss(model, features[torch.from_numpy(chosen)], questions.prefix, suffixes, lengths,
+                                      config.llm_questions, pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        running += loss.item()
+        right += int(correct)
+        seen += len(suffixes)
+        if (step + 1) % config.log_every == 0 or step == config.llm_steps - 1:
+            count = (step % config.log_every) + 1
+            entry = {"step": step, "loss": round(running / count, 4), "train_acc": round(right / seen, 4)}
+            history.append(entry)
+            log(f"llm {step + 1:5d}/{config.llm_steps}  loss {entry['loss']:.4f}  answer acc {entry['train_acc']:.3f}  "
+                f"{time.perf_counter() - start:.0f}s")
+            running, right, seen = 0.0, 0, 0
+    model.eval()
+    return {"history": history, "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ---------------------------------------------------------------- the whole recipe
+
+
+def train(output_dir: str | Path, config: TrainConfig | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train both stages and save model, tokenizer, processor and ``training.json`` to ``output_dir``
+    (written to a temporary folder and renamed, so a crash leaves no half-saved model)."""
+    import shutil
+
+    config = config or TrainConfig()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    corpus_docs = _train_docs(np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 0]), 300)[1]
+    corpus = []
+    for docs in corpus_docs:
+        corpus += [M.doc_prompt(bench, doc) + " " + doc["answer"] for bench, doc in docs]
+    tokenizer = M.build_tokenizer(corpus)
+    processor = M.build_processor(tokenizer)
+    model = M.build_model(tokenizer, config.seed)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
+
+    tower_report = train_tower(model, config, log)
+    heads = tower_report.pop("heads")
+    tower_report["held_out"] = tower_accuracy(model.model.vision_tower, heads, np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 3]))
+    log(f"tower held-out: {tower_report['held_out']}")
+    llm_report = train_llm(model, processor, config, log)
+
+    output_dir = Path(output_dir)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    report = {
+        "config": asdict(config),
+        "tower": tower_report,
+        "llm": llm_report,
+        "seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "benchmark_version": B.VERSION,
+    }
+    (partial / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    partial.rename(output_dir)
+    log(f"saved to {output_dir} after {report['seconds']:.0f}s")
+    return report
