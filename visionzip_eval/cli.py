@@ -91,18 +91,17 @@ def _cmd_regress(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from visionzip_eval.demo import run_demo
 
-    print("VisionZip demo: a tiny random-weight LLaVA-1.5 (CLIP 336/14: 576 patches + CLS) on the smoke "
-          f"tasks, full/192/128/64 tokens, VisionZip and the random baseline; CPU, offline -> {args.output_dir}/",
+    print("VisionZip demo: a tiny LLaVA-1.5 (CLIP 336/14: 576 patches + CLS) trained on the synthetic "
+          f"benchmark, full/192/128/64 tokens, VisionZip and the random baseline; CPU, offline -> {args.output_dir}/",
           flush=True)
-    summary, report, picture = run_demo(args.output_dir, progress=not args.quiet, limit=args.limit,
-                                        budgets=tuple(args.budgets))
+    summary, report, pictures = run_demo(args.output_dir, progress=not args.quiet, limit=args.limit,
+                                         budgets=tuple(args.budgets))
     print(f"sweep: {summary.describe()}")
     print(report.main_table)
     efficiency = report.directory / "efficiency.md"
     print(f"\nefficiency table: {efficiency}")
-    for path in sorted(p for p in report.paths if str(p).endswith(".png")) + [picture]:
+    for path in sorted(p for p in report.paths if str(p).endswith(".png")) + pictures:
         print(f"figure: {path}")
-    print("(random weights: the scores are noise; the token counts and timings are the point)")
     return 1 if summary.failed else 0
 
 
@@ -116,18 +115,13 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         image.load()
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read image {args.image}: {error}") from error
-    if args.model == "builtin:tiny-llava":
-        from visionzip_eval.testing import build_tiny_llava
+    import torch
 
-        model, processor = build_tiny_llava(seed=0)
-    else:
-        import torch
+    from visionzip_eval.backends import load_pretrained
 
-        from visionzip_eval.backends import load_pretrained
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        model, processor = load_pretrained(args.model, dtype, device)
+    gpu = torch.cuda.is_available() and not args.model.startswith("builtin:")
+    device = torch.device("cuda" if gpu else "cpu")
+    model, processor = load_pretrained(args.model, torch.float16 if gpu else torch.float32, device)
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
     sheet, _ = visualize(model, processor, image, budgets)
     out = args.out or f"{Path(args.image).stem}_visionzip.png"
@@ -145,15 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="sweep + report + selection picture on a tiny offline model (CPU, a few minutes)",
-        description="Runs the tiny random-weight LLaVA over the smoke tasks at each budget with VisionZip and "
-        "the random baseline, writes the report (tables, figures) and a token-selection picture under "
-        "OUTPUT/report/, and prints the main table and the figure paths. Resumable like any sweep.",
+        help="sweep + report + selection pictures on the tiny trained model (CPU, offline, a few minutes)",
+        description="Runs the tiny LLaVA trained on the synthetic benchmark (weights in the package) over the "
+        "synthetic tasks and the smoke VideoMME task at each budget with VisionZip and the random baseline, "
+        "writes the report (tables, figures) and token-selection pictures under OUTPUT/report/, and prints "
+        "the main table and the figure paths. Resumable like any sweep.",
     )
     p.add_argument("--output-dir", default="results/demo", help="where runs and report go (results/demo)")
     p.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"],
                    help="budgets: full, a total (64) or a split (54+10)")
-    p.add_argument("--limit", type=int, default=12, help="samples per task (12; even, for MME's pairs)")
+    p.add_argument("--limit", type=int, default=48, help="samples per task (48; even, for MME's pairs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
@@ -165,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", help="an image file")
     p.add_argument("--budget", default="64", help="one budget or several, comma-separated: 192,128,64")
-    p.add_argument("--model", default="builtin:tiny-llava",
-                   help="builtin:tiny-llava (default), or a supported checkpoint (folder or hub id)")
+    p.add_argument("--model", default="builtin:tiny-llava-synth",
+                   help="builtin:tiny-llava-synth (default: the tiny trained model), builtin:tiny-llava (random "
+                   "weights), or a supported checkpoint (folder or hub id)")
     p.add_argument("--out", help="output PNG (default: <image>_visionzip.png)")
     p.set_defaults(func=_cmd_visualize)
 

@@ -1,9 +1,10 @@
 """``visionzip-eval demo``: what VisionZip does and costs, on a laptop, offline, in minutes.
 
-A sweep of the tiny model (built in memory) over the smoke tasks at full/192/128/64 tokens,
-VisionZip and the random baseline, then the report (tables and plots) and a token-selection
-picture, all under one folder. The tiny model's weights are random, so its scores are noise:
-the demo shows the mechanism and the efficiency columns, not accuracy.
+A sweep of the tiny reference VLM trained on the synthetic benchmark (``visionzip_eval.synth``;
+weights ship in the package) at full/192/128/64 tokens, VisionZip and the random baseline,
+over the synthetic tasks (where its accuracy means something) and the smoke VideoMME task
+(real-schema video: frames x per-frame budget), then the report (tables and plots) and
+token-selection pictures, all under one folder.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from pathlib import Path
 
 from visionzip_eval.budget import Budget
 from visionzip_eval.sweep import SweepConfig, SweepSummary, run_sweep
+from visionzip_eval.synth.weights import BUILTIN_NAME
 
 REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks"
-SMOKE_TASKS = [
-    "visionzip_smoke_gqa",
-    "visionzip_smoke_mmbench",
-    "visionzip_smoke_mme",
-    "visionzip_smoke_pope",
+DEMO_TASKS = [
+    "visionzip_synth_gqa",
+    "visionzip_synth_mmbench",
+    "visionzip_synth_mme",
+    "visionzip_synth_pope",
     "visionzip_smoke_videomme",
 ]
 
 
-def demo_config(output_dir: str | Path, tasks: list[str] | None = None, limit: int | None = 12,
+def demo_config(output_dir: str | Path, tasks: list[str] | None = None, limit: int | None = 48,
                 budgets=("full", 192, 128, 64), methods=("visionzip", "random")) -> SweepConfig:
     for budget in budgets:
         Budget.parse(budget)  # a bad budget is a one-line error before anything runs
@@ -35,11 +37,11 @@ def demo_config(output_dir: str | Path, tasks: list[str] | None = None, limit: i
     return SweepConfig.model_validate(
         dict(
             name="demo",
-            models=[dict(name="tiny-llava", pretrained="builtin:tiny-llava", dtype="float32",
+            models=[dict(name="tiny-llava-synth", pretrained=BUILTIN_NAME, dtype="float32",
                          attn_implementation="sdpa")],
             methods=list(methods),
             budgets=list(budgets),
-            tasks=tasks or SMOKE_TASKS,
+            tasks=tasks or DEMO_TASKS,
             include_path=str(REPO_TASKS),
             limit=limit,
             output_dir=str(output_dir),
@@ -49,16 +51,22 @@ def demo_config(output_dir: str | Path, tasks: list[str] | None = None, limit: i
 
 
 def run_demo(output_dir: str | Path = "results/demo", progress: bool = True, **config_overrides):
-    """Sweep, report, selection picture. Returns (summary, report, picture path)."""
+    """Sweep, report, selection pictures. Returns (summary, report, picture paths)."""
     from visionzip_eval.report import write_report
-    from visionzip_eval.testing import build_tiny_llava, sample_images
+    from visionzip_eval.synth.benchmark import build_docs
+    from visionzip_eval.synth.scenes import render
+    from visionzip_eval.synth.weights import load_trained
+    from visionzip_eval.testing import sample_images
     from visionzip_eval.visualize import visualize
 
     config = demo_config(output_dir, **config_overrides)
     summary: SweepSummary = run_sweep(config, output_dir, progress=progress)
     report = write_report(output_dir)
-    model, processor = build_tiny_llava(seed=0)
-    sheet, _ = visualize(model, processor, sample_images()["astronaut"], [192, 128, 64])
-    picture = Path(report.directory) / "selection.png"
-    sheet.save(picture)
-    return summary, report, picture
+    model, processor = load_trained()
+    _, scenes = build_docs("pope", n_scenes=2)
+    pictures = []
+    for name, image in (("selection_synth.png", render(scenes[1])[0]), ("selection.png", sample_images()["astronaut"])):
+        sheet, _ = visualize(model, processor, image, [192, 128, 64])
+        pictures.append(Path(report.directory) / name)
+        sheet.save(pictures[-1])
+    return summary, report, pictures

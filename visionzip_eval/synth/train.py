@@ -43,17 +43,16 @@ from visionzip_eval.synth import model as M
 from visionzip_eval.synth.scenes import NUM_COMBOS, patch_labels, presence, random_scene, render
 
 TRAIN_SEED_OFFSET = 1_000_003  # training scenes: seeds never used by the benchmark (EVAL_SEED)
-FORMAT_WEIGHTS = {"pope": 0.3, "mme": 0.2, "gqa": 0.3, "mmbench": 0.2}
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    tower_steps: int = 1200
+    tower_steps: int = 800
     tower_batch: int = 16
-    tower_lr: float = 2e-3
-    llm_scenes: int = 5000  # fixed training images for stage 2 (features cached)
-    llm_steps: int = 2500
+    tower_lr: float = 3e-3
+    llm_scenes: int = 4000  # fixed training images for stage 2 (features cached)
+    llm_steps: int = 2000
     llm_images: int = 8  # images per step
     llm_questions: int = 6  # questions per image per step
     llm_lr: float = 1e-3
