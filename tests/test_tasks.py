@@ -584,3 +584,27 @@ def test_names_not_shadowed_by_builtins():
     for group in ("visionzip_smoke", "visionzip_smoke_broken"):
         assert manager.task_index[group]["type"] == "group"
         assert Path(manager.task_index[group]["yaml_path"]).is_relative_to(TASKS)
+
+
+# ------------------------------------------------------------------ synthetic benchmark
+
+
+def test_synth_tasks_load_generate_their_data_and_score_gold_perfectly(task_manager, tmp_path, monkeypatch):
+    """visionzip_synth_*: data generated on first use under $VISIONZIP_DATA, the documented
+    sizes, real images, and lmms-eval's scoring gives gold answers the perfect score."""
+    from visionzip_eval.synth import benchmark
+
+    monkeypatch.setenv("VISIONZIP_DATA", str(tmp_path / "data"))
+    tasks = load_tasks(task_manager, ["visionzip_synth"])
+    assert (benchmark.default_root() / ".complete").is_file()
+    sizes = {"visionzip_synth_gqa": 240, "visionzip_synth_mmbench": 240, "visionzip_synth_mme": 240, "visionzip_synth_pope": 600}
+    assert {name: len(docs(task)) for name, task in tasks.items()} == sizes
+    perfect = {"gqa": ("exact_match", 1.0), "mmbench": ("gpt_eval_score", 100.0), "mme": ("mme_perception_score", 800.0),
+               "pope": ("pope_f1_score", 1.0)}
+    for name, task in tasks.items():
+        check_visuals(task, docs(task)[0])
+        metric, best = perfect[name.split("_")[-1]]
+        scores = score(task, [gold(name, d) for d in docs(task)], tmp_path)
+        assert scores[metric] == pytest.approx(best), (name, scores)
+        wrong = score(task, ["no" if gold(name, d) != "no" else "yes" for d in docs(task)], tmp_path)
+        assert wrong[metric] < best
