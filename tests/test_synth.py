@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,45 @@ def test_load_trained_names_the_fix_when_missing(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="train_tiny_vlm.py"):
         load_trained(tmp_path)
+
+
+# ------------------------------------------------------------------ the shipped model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from visionzip_eval.testing import load_tiny_llava_synth
+
+    return load_tiny_llava_synth()
+
+
+def test_shipped_model_loads_offline_with_the_real_architecture(trained):
+    from visionzip_eval.backends import load_pretrained
+    from visionzip_eval.synth.weights import SHIPPED_DIR
+
+    model, processor = trained
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    assert sum(f.stat().st_size for f in SHIPPED_DIR.iterdir()) < 8 * 2**20  # "a few MB"
+    report = json.loads((SHIPPED_DIR / "training.json").read_text())
+    assert report["config"]["seed"] == 0 and report["tower"]["held_out"]["patch_object_acc"] > 0.9
+    via_adapter, _ = load_pretrained("builtin:tiny-llava-synth", torch.float32, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), via_adapter.state_dict().values()))
+
+
+def test_app_answers_at_each_budget_and_restores_the_processor(trained):
+    from visionzip_eval.app import ask
+    from visionzip_eval.compressor import applied_reducer
+
+    model, processor = trained
+    image = render(scenes(1, seed=11)[0])[0]
+    answer, tokens, picture = ask(model, processor, image, "64", "Is there a red circle in the image?")
+    assert answer in {"yes", "no"} and tokens == 64 and picture.size == (2 * 336 + 8, 336 + 28)
+    assert applied_reducer(model) is None  # scoped: nothing left applied
+    answer_full, tokens_full, picture_full = ask(model, processor, image, "full", "How many shapes are in the image?")
+    assert tokens_full == 576 and picture_full is None and answer_full.isdigit()
+    ids = processor(images=[image], text="USER: <image>\nx ASSISTANT:", return_tensors="pt")["input_ids"]
+    assert (ids == model.config.image_token_id).sum() == 576  # the processor expands to 576 again
+    with pytest.raises(ValueError, match="ask a question"):
+        ask(model, processor, image, "64", "  ")

@@ -105,6 +105,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError('the app needs gradio: pip install "visionzip-eval[app]"')
+    from visionzip_eval.app import build_app
+    from visionzip_eval.backends import load_pretrained
+    from visionzip_eval.synth.benchmark import build_docs
+    from visionzip_eval.synth.scenes import render
+
+    gpu = torch.cuda.is_available() and not args.model.startswith("builtin:")
+    model, processor = load_pretrained(args.model, torch.float16 if gpu else torch.float32,
+                                       torch.device("cuda" if gpu else "cpu"))
+    _, scenes = build_docs("pope", n_scenes=4)
+    page = build_app(model, processor, examples=[render(scene)[0] for scene in scenes])
+    page.launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
@@ -165,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights), or a supported checkpoint (folder or hub id)")
     p.add_argument("--out", help="output PNG (default: <image>_visionzip.png)")
     p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser(
+        "app",
+        help="interactive page: pick an image and a budget, see the selection and the answer (needs gradio)",
+        description="Serves a gradio page (pip install \"visionzip-eval[app]\") with the tiny trained model "
+        "by default: upload or pick an image, choose a budget, ask a question.",
+    )
+    p.add_argument("--model", default="builtin:tiny-llava-synth", help="as for visualize")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (7860)")
+    p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser(
         "sweep",

@@ -13,6 +13,8 @@ weights are random but deterministic by seed. Only the widths and depths shrink:
   SigLIP 384 px / patch 14 (729 patches, no CLS), AnyRes up to 6x6 crops, videos; Qwen2 LLM.
 - ``build_tiny_llava_original``: the original ``llava`` package's LlavaLlamaForCausalLM
   (liuhaotian/llava-v1.5-7b layout), saved to a folder its own builder loads offline.
+- ``load_tiny_llava_synth``: not random: the tiny LLaVA-1.5 trained on the synthetic benchmark
+  (``visionzip_eval.synth``), loaded from the weights shipped in the package.
 - ``build_tiny_qwen2_5_vl``: Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct): 14 px patches, 112 px
   attention windows with full-attention blocks, 2x2 PatchMerger, M-RoPE Qwen2 LLM; dynamic
   resolution capped at 224 x 224 px (64 merged tokens) by default; the vision ``qkv`` weights
@@ -570,3 +572,14 @@ def build_tiny_qwen2_5_vl(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), processor
+
+
+# -- the trained reference model --------------------------------------------------------------
+
+
+def load_tiny_llava_synth(attn_implementation: str = "sdpa"):
+    """The tiny LLaVA-1.5 *trained* on the synthetic benchmark (``visionzip_eval.synth``), whose
+    weights ship in the package: (model, processor), CPU, float32, eval mode, offline."""
+    from visionzip_eval.synth.weights import load_trained
+
+    return load_trained(attn_implementation=attn_implementation)

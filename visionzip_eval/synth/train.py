@@ -29,7 +29,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -52,15 +52,16 @@ class TrainConfig:
     tower_batch: int = 16
     tower_lr: float = 3e-3
     llm_scenes: int = 4000  # fixed training images for stage 2 (features cached)
-    llm_steps: int = 2000
+    llm_steps: int = 2500
     llm_images: int = 8  # images per step
-    llm_questions: int = 6  # questions per image per step
+    llm_questions: int = 8  # questions per image per step
     llm_lr: float = 1e-3
+    llm_warmup_fraction: float = 0.3  # first steps: existence (POPE-format) questions only
     weight_decay: float = 0.01
     warmup: int = 100
     threads: int = 2  # fixed, so that runs on bigger machines reduce in the same order
     log_every: int = 50
-    extra: dict = field(default_factory=dict)
+    tower_from: str = ""  # a saved model folder whose vision tower to reuse (skips stage 1)
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -277,8 +278,11 @@ def train_llm(model, processor, config: TrainConfig, log: Callable[[str], None])
             group["lr"] = config.llm_lr * _schedule(step, config.llm_steps, config.warmup)
         chosen = rng.choice(len(scenes), size=config.llm_images, replace=False)
         suffixes, lengths = [], []
+        warm = step < config.llm_warmup_fraction * config.llm_steps
         for index in chosen:
             pool = questions.per_scene[int(index)]
+            if warm:
+                pool = [q for q, (bench, _) in zip(pool, docs[int(index)]) if bench == "pope"]
             for pick in rng.choice(len(pool), size=config.llm_questions, replace=len(pool) < config.llm_questions):
                 suffixes.append(pool[int(pick)][0])
                 lengths.append(pool[int(pick)][1])
@@ -323,10 +327,17 @@ def train(output_dir: str | Path, config: TrainConfig | None = None, log: Callab
     model = M.build_model(tokenizer, config.seed)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
 
-    tower_report = train_tower(model, config, log)
-    heads = tower_report.pop("heads")
-    tower_report["held_out"] = tower_accuracy(model.model.vision_tower, heads, np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 3]))
-    log(f"tower held-out: {tower_report['held_out']}")
+    if config.tower_from:  # development shortcut: the LLM stage on an already trained tower
+        from visionzip_eval.synth.weights import load_trained
+
+        trained, _ = load_trained(config.tower_from)
+        model.model.vision_tower.load_state_dict(trained.model.vision_tower.state_dict())
+        tower_report = {"from": config.tower_from}
+    else:
+        tower_report = train_tower(model, config, log)
+        heads = tower_report.pop("heads")
+        tower_report["held_out"] = tower_accuracy(model.model.vision_tower, heads, np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 3]))
+        log(f"tower held-out: {tower_report['held_out']}")
     llm_report = train_llm(model, processor, config, log)
 
     output_dir = Path(output_dir)
