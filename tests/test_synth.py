@@ -270,7 +270,7 @@ def test_app_answers_at_each_budget_and_restores_the_processor(trained):
     model, processor = trained
     image = render(scenes(1, seed=11)[0])[0]
     answer, tokens, picture = ask(model, processor, image, "64", "Is there a red circle in the image?")
-    assert answer in {"yes", "no"} and tokens == 64 and picture.size == (2 * 336 + 8, 336 + 28)
+    assert answer.lower() in {"yes", "no"} and tokens == 64 and picture.size == (2 * 336 + 8, 336 + 28)
     assert applied_reducer(model) is None  # scoped: nothing left applied
     answer_full, tokens_full, picture_full = ask(model, processor, image, "full", "How many shapes are in the image?")
     assert tokens_full == 576 and picture_full is None and answer_full.isdigit()
@@ -278,3 +278,17 @@ def test_app_answers_at_each_budget_and_restores_the_processor(trained):
     assert (ids == model.config.image_token_id).sum() == 576  # the processor expands to 576 again
     with pytest.raises(ValueError, match="ask a question"):
         ask(model, processor, image, "64", "  ")
+
+
+def test_tokenizer_spells_unknown_words_and_the_engine_skips_unspellable_stop_strings(trained):
+    from visionzip_eval.engine import Engine, Generation, Request
+
+    model, processor = trained
+    tokenizer = processor.tokenizer
+    ids = tokenizer("zebra abcdef", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == "zebra abcdef"
+    engine = Engine(model, processor)
+    assert engine._can_spell("ASSISTANT:") and not engine._can_spell("\n\n")  # whitespace is not a token
+    request = Request(turns=[("Is there a red circle in the image?", None)], images=[render(scenes(1)[0])[0]])
+    texts = {engine.generate([request], Generation(max_new_tokens=4, until=until))[0].text for until in (["\n\n"], [])}
+    assert len(texts) == 1 and texts.pop() in {"yes", "no", "Yes", "No"}

@@ -250,9 +250,20 @@ class Engine:
         )
         if sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        if settings.until:
-            kwargs.update(stop_strings=settings.until, tokenizer=self.tokenizer)
+        spelt = [stop for stop in settings.until if self._can_spell(stop)]
+        if spelt:
+            kwargs.update(stop_strings=spelt, tokenizer=self.tokenizer)
         return kwargs
+
+    def _can_spell(self, stop: str) -> bool:
+        """Whether the tokenizer can produce ``stop`` (decode(encode(stop)) == stop). transformers'
+        stop-string matching refuses strings no token sequence spells (e.g. "\n\n" for a
+        tokenizer that drops whitespace); those are applied to the decoded text only."""
+        cache = self.__dict__.setdefault("_spellable", {})
+        if stop not in cache:
+            ids = self.tokenizer(stop, add_special_tokens=False)["input_ids"]
+            cache[stop] = self.tokenizer.decode(ids) == stop
+        return cache[stop]
 
     def _outputs(self, requests, inputs, out, settings, clock, peak, reused) -> list[Output]:
         input_ids = inputs["input_ids"]

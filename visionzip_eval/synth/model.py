@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+import string
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 from visionzip_eval.synth.questions import NUMBER_WORDS, RELATION_PHRASE
@@ -56,11 +58,22 @@ def vocabulary(corpus: list[str]) -> list[str]:
     return SPECIAL_TOKENS + sorted(words)
 
 
+# Spelling fallback: any ASCII word the vocabulary lacks is spelt in characters ("zebra" ->
+# z ##e ##b ##r ##a) instead of becoming <unk>, so every text round-trips. transformers'
+# stop-string matching needs that (it tokenises a probe word, "abcdef", and looks for it in
+# the decoded text). Appended after the words, so word ids do not depend on it.
+FALLBACK_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
+
+
 def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer; unknown words become <unk>; decoding joins words with spaces."""
-    vocab = {token: i for i, token in enumerate(vocabulary(corpus))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    """Word-level tokenizer over the benchmark's words, with a character fallback (WordPiece
+    with whole words as pieces); decoding joins words with spaces."""
+    words = vocabulary(corpus)
+    pieces = [c for c in FALLBACK_CHARACTERS if c not in words] + ["##" + c for c in FALLBACK_CHARACTERS]
+    vocab = {token: i for i, token in enumerate(words + [IMAGE_TOKEN] + pieces)}  # <image>: right after the words
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix="##"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",

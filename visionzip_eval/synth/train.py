@@ -17,6 +17,10 @@ Two stages, as LLaVA itself is built (a pretrained CLIP, then the projector and 
    key/value cache for several questions per image, and runs only the questions on top:
    causal attention makes the image positions' states independent of the question, so this
    is the same computation as running every (image, question) sequence in full, ~6x cheaper.
+   The first 40% of the steps ask existence (POPE-format) questions only: a from-scratch LLM
+   has to learn to find a few object tokens among 576 near-identical background ones, and
+   it learns that faster on one kind of question than on the mixture (measured: the mixture
+   alone stayed at chance for 2,000 steps, POPE alone reached ~67% in 300).
 
 Training scenes come from seeds disjoint from the benchmark's (:data:`EVAL_SEED`), so the
 benchmark's scenes are never seen. Everything is seeded; ``scripts/train_tiny_vlm.py`` is the
@@ -40,6 +44,7 @@ from torch.nn import functional as F
 
 from visionzip_eval.synth import benchmark as B
 from visionzip_eval.synth import model as M
+from visionzip_eval.synth import questions as Q
 from visionzip_eval.synth.scenes import NUM_COMBOS, patch_labels, presence, random_scene, render
 
 TRAIN_SEED_OFFSET = 1_000_003  # training scenes: seeds never used by the benchmark (EVAL_SEED)
@@ -52,11 +57,11 @@ class TrainConfig:
     tower_batch: int = 16
     tower_lr: float = 3e-3
     llm_scenes: int = 4000  # fixed training images for stage 2 (features cached)
-    llm_steps: int = 2500
+    llm_steps: int = 3000
     llm_images: int = 8  # images per step
     llm_questions: int = 8  # questions per image per step
     llm_lr: float = 1e-3
-    llm_warmup_fraction: float = 0.3  # first steps: existence (POPE-format) questions only
+    llm_warmup_fraction: float = 0.4  # first steps: existence (POPE-format) questions only
     weight_decay: float = 0.01
     warmup: int = 100
     threads: int = 2  # fixed, so that runs on bigger machines reduce in the same order
@@ -175,8 +180,6 @@ def _train_docs(rng: np.random.Generator, n_scenes: int) -> tuple[list, list[lis
     """Scenes and, per scene, (benchmark, doc) questions of every format."""
     scenes = [random_scene(rng) for _ in range(n_scenes)]
     popular = B.popular_pairs(scenes)
-    from visionzip_eval.synth import questions as Q
-
     per_scene: list[list[tuple[str, dict]]] = []
     letters = "ABCD"
     for scene in scenes:
