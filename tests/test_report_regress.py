@@ -209,3 +209,18 @@ def test_gpu_workflow_runs_the_documented_steps():
                  "--baseline baselines/gpu_ci.json", "visionzip-eval report", "results/ci_gpu/report",
                  "actions/upload-artifact"):
         assert step in text, step
+
+
+def test_update_baseline_refuses_runs_whose_every_request_failed(clean, tmp_path):
+    """One failed sample is part of a run; a run where all failed (a broken model or
+    tokenizer) would lock the failure into the baseline."""
+    root = tmp_path / "sweep"
+    shutil.copytree(clean[0], root)
+    (efficiency,) = [p for p in (root / "runs").rglob("efficiency.jsonl") if "__none__" in str(p) and "_pope" in str(p)]
+    rows = [json.loads(line) for line in efficiency.read_text().splitlines()]
+    for row in rows:
+        row.update(error="generation failed: ValueError: x", visual_tokens=None, prefill_ms=None, total_ms=None)
+    efficiency.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="every request failed"):
+        write_baseline(root, tmp_path / "b.json")
+    assert not (tmp_path / "b.json").exists()
