@@ -12,6 +12,7 @@ from visionzip_eval.synth import benchmark as B
 from visionzip_eval.synth import model as M
 from visionzip_eval.synth import questions as Q
 from visionzip_eval.synth import train as T
+from visionzip_eval.testing import tiny_processor
 from visionzip_eval.synth.scenes import (
     COLORS,
     GRID,
@@ -166,7 +167,7 @@ def synth_parts():
     docs = T._train_docs(np.random.default_rng(0), 30)[1]
     corpus = [M.doc_prompt(bench, doc) + " " + doc["answer"] for d in docs for bench, doc in d]
     tokenizer = M.build_tokenizer(corpus)
-    processor = M.build_processor(tokenizer)
+    processor = tiny_processor(tokenizer)
     model = M.build_model(tokenizer, seed=0).eval()
     return model, processor
 

@@ -105,21 +105,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _load_model(name: str):
+    """(model, processor) for visualize and app: fp16 on a GPU; the builtin tiny models on the CPU."""
+    import torch
+
+    from visionzip_eval.backends import load_pretrained
+
+    gpu = torch.cuda.is_available() and not name.startswith("builtin:")
+    return load_pretrained(name, torch.float16 if gpu else torch.float32, torch.device("cuda" if gpu else "cpu"))
+
+
 def _cmd_app(args: argparse.Namespace) -> int:
     import importlib.util
-
-    import torch
 
     if importlib.util.find_spec("gradio") is None:
         raise ValueError('the app needs gradio: pip install "visionzip-eval[app]"')
     from visionzip_eval.app import build_app
-    from visionzip_eval.backends import load_pretrained
     from visionzip_eval.synth.benchmark import build_docs
     from visionzip_eval.synth.scenes import render
 
-    gpu = torch.cuda.is_available() and not args.model.startswith("builtin:")
-    model, processor = load_pretrained(args.model, torch.float16 if gpu else torch.float32,
-                                       torch.device("cuda" if gpu else "cpu"))
+    model, processor = _load_model(args.model)
     _, scenes = build_docs("pope", n_scenes=4)
     page = build_app(model, processor, examples=[render(scene)[0] for scene in scenes])
     page.launch(server_name=args.host, server_port=args.port)
@@ -136,13 +141,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         image.load()
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read image {args.image}: {error}") from error
-    import torch
-
-    from visionzip_eval.backends import load_pretrained
-
-    gpu = torch.cuda.is_available() and not args.model.startswith("builtin:")
-    device = torch.device("cuda" if gpu else "cpu")
-    model, processor = load_pretrained(args.model, torch.float16 if gpu else torch.float32, device)
+    model, processor = _load_model(args.model)
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
     sheet, _ = visualize(model, processor, image, budgets)
     out = args.out or f"{Path(args.image).stem}_visionzip.png"

@@ -92,6 +92,7 @@ class Engine:
         self.vision_calls = 0  # tower runs since construction (multi-turn reuse is checked on it)
         self.last_encode_vision_flops = 0  # vision FLOPs of the last encode()
         self._clock: StageClock | None = None
+        self._spellable: dict[str, bool] = {}  # stop string -> can the tokenizer produce it
         self._hooks = self._instrument()
         self.set_reducer(reducer or NoReduction())
 
@@ -259,11 +260,10 @@ class Engine:
         """Whether the tokenizer can produce ``stop`` (decode(encode(stop)) == stop). transformers'
         stop-string matching refuses strings no token sequence spells (e.g. "\n\n" for a
         tokenizer that drops whitespace); those are applied to the decoded text only."""
-        cache = self.__dict__.setdefault("_spellable", {})
-        if stop not in cache:
+        if stop not in self._spellable:
             ids = self.tokenizer(stop, add_special_tokens=False)["input_ids"]
-            cache[stop] = self.tokenizer.decode(ids) == stop
-        return cache[stop]
+            self._spellable[stop] = self.tokenizer.decode(ids) == stop
+        return self._spellable[stop]
 
     def _outputs(self, requests, inputs, out, settings, clock, peak, reused) -> list[Output]:
         input_ids = inputs["input_ids"]

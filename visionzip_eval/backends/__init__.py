@@ -17,10 +17,11 @@ from visionzip_eval.backends import llava_next  # noqa: F401  (registers itself)
 from visionzip_eval.backends import llava_onevision  # noqa: F401  (registers itself)
 from visionzip_eval.backends import llava_original  # noqa: F401  (registers itself; matches only with llava installed)
 from visionzip_eval.backends import qwen2_5_vl  # noqa: F401  (registers itself)
+from visionzip_eval.synth.weights import BUILTIN_NAME
 
 
 BUILTIN_TINY = "builtin:tiny-llava"
-from visionzip_eval.synth.weights import BUILTIN_NAME as BUILTIN_TRAINED  # noqa: E402  (the trained reference model)
+BUILTIN_TRAINED = BUILTIN_NAME  # the tiny model trained on the synthetic benchmark (visionzip_eval.synth)
 # builtin name -> builder in visionzip_eval.testing
 BUILTIN_TINY_MODELS = {
     BUILTIN_TINY: "build_tiny_llava",

@@ -184,10 +184,6 @@ def load_baseline(path: str | Path) -> dict:
     return data
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def build_baseline(results: Results, tolerances: dict | None = None, description: str | None = None) -> dict:
     current = current_values(results)
     bad = {k: v for k, v in current.items() if v["status"] != STATUS_OK}
@@ -197,7 +193,7 @@ def build_baseline(results: Results, tolerances: dict | None = None, description
     # a run whose every request failed (answers "[visionzip-eval: sample failed]") still ends
     # "ok": a baseline from it would lock the failure in
     dead = sorted(k for k, v in current.items()
-                  if (v["values"].get("failed_requests") or 0) > 0 and _missing(v["values"].get("visual_tokens")))
+                  if (v["values"].get("failed_requests") or 0) > 0 and math.isnan(_number(v["values"].get("visual_tokens"))))
     if dead:
         raise ValueError("refusing to write a baseline from runs where every request failed (see their "
                          f"efficiency.jsonl 'error'): {'; '.join(dead)}")

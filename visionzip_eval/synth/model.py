@@ -6,6 +6,9 @@ a Llama LLM), only narrower and shallower (:data:`SIZES`). The tokenizer is word
 the benchmark's vocabulary: every prompt the ``visionzip_synth_*`` tasks produce, every answer,
 and the chat template's words, so a question is ~15-40 tokens after the 576 image tokens.
 
+The processor is LLaVA-1.5's (``testing.tiny_processor``: CLIP 336 px, the llava-hf chat
+template) around this tokenizer.
+
 Prompts are built by lmms-eval's own ``doc_to_text`` functions and the model's chat template,
 the same path the adapter takes at evaluation, so the trainer sees the exact token sequences
 the benchmark will show the model.
@@ -13,16 +16,16 @@ the benchmark will show the model.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 import string
 
+import numpy as np
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 from visionzip_eval.synth.questions import NUMBER_WORDS, RELATION_PHRASE
 from visionzip_eval.synth.scenes import COLOR_NAMES, SHAPES
-from visionzip_eval.testing import LLAVA15_CHAT_TEMPLATE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tiny_llava_config
+from visionzip_eval.testing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tiny_llava_config
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 IMAGE_TOKEN = "<image>"
@@ -80,14 +83,6 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
                                         unk_token="<unk>", pad_token="<pad>", padding_side="left")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tokenizer
-
-
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=LLAVA15_CHAT_TEMPLATE)
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:

@@ -47,6 +47,7 @@ from visionzip_eval.synth import benchmark as B
 from visionzip_eval.synth import model as M
 from visionzip_eval.synth import questions as Q
 from visionzip_eval.synth.scenes import NUM_COMBOS, patch_labels, presence, random_scene, render
+from visionzip_eval.testing import tiny_processor
 
 TRAIN_SEED_OFFSET = 1_000_003  # training scenes: seeds never used by the benchmark (EVAL_SEED)
 
@@ -327,7 +328,7 @@ def train(output_dir: str | Path, config: TrainConfig | None = None, log: Callab
     for docs in corpus_docs:
         corpus += [M.doc_prompt(bench, doc) + " " + doc["answer"] for bench, doc in docs]
     tokenizer = M.build_tokenizer(corpus)
-    processor = M.build_processor(tokenizer)
+    processor = tiny_processor(tokenizer)
     model = M.build_model(tokenizer, config.seed)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
 
