@@ -196,7 +196,7 @@ def test_shared_prefix_loss_equals_full_sequences(synth_parts):
     model, processor = synth_parts
     scene_list, docs = T._train_docs(np.random.default_rng(1), 2)
     questions = T.tokenize_questions(model, processor, docs)
-    features = T.tower_features(model, scene_list, log=lambda _: None)
+    features = T.tower_features(model, scene_list)
     suffixes = [questions.per_scene[i][j][0] for i in range(2) for j in range(3)]
     lengths = [questions.per_scene[i][j][1] for i in range(2) for j in range(3)]
     with torch.no_grad():
@@ -221,15 +221,21 @@ def test_shared_prefix_loss_equals_full_sequences(synth_parts):
 def test_training_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
     from visionzip_eval.synth.weights import load_trained
 
-    config = T.TrainConfig(tower_steps=2, tower_batch=2, llm_scenes=4, llm_steps=2, llm_images=2, llm_questions=2,
-                           warmup=1, log_every=1)
+    config = T.TrainConfig(tower_steps=2, tower_batch=2, llm_steps=2, llm_images=2, llm_questions=2,
+                           warmup=1, log_every=1, eval_every=2, held_out_scenes=2)
     lines = []
     report = T.train(tmp_path / "m", config, log=lines.append)
     assert (tmp_path / "m" / "training.json").is_file() and not (tmp_path / "m.partial").exists()
     assert len(report["llm"]["history"]) == 2 and any(line.startswith("tower") for line in lines)
+    assert set(report["llm"]["held_out"]) == set(B.BENCHES)
     model, processor = load_trained(tmp_path / "m")
     assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
     assert processor.tokenizer.convert_tokens_to_ids("circle") != processor.tokenizer.unk_token_id
+    # same seed, same thread count: the same weights, bit for bit (what "reproducible" rests on)
+    T.train(tmp_path / "again", config, log=lambda _: None)
+    again, _ = load_trained(tmp_path / "again")
+    first, second = model.state_dict(), again.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_load_trained_names_the_fix_when_missing(tmp_path):

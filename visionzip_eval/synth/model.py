@@ -93,10 +93,26 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
+        _width_scaled_init(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+@torch.no_grad()
+def _width_scaled_init(model: LlavaForConditionalGeneration) -> None:
+    """Projector and LLM weights drawn with std 1/sqrt(fan-in) (embeddings std 1) instead of
+    transformers' fixed 0.02, which is sized for 4096-wide models: at width 128 it leaves every
+    attention logit near 0, and finding the few object tokens among 576 then sits on a saddle
+    (measured on fresh scenes, existence questions: chance for 300 steps with 0.02, 0.75 train
+    accuracy at 350 steps with this)."""
+    for module in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, layer.in_features ** -0.5)
+            elif isinstance(layer, torch.nn.Embedding):
+                layer.weight.normal_(0.0, 1.0)
 
 
 def pixel_values(images: list, dtype=torch.float32) -> torch.Tensor:

@@ -11,9 +11,9 @@ Two stages, as LLaVA itself is built (a pretrained CLIP, then the projector and 
    - on every patch token at layer -2: which object, if any, covers it, so the patch
      features the LLM reads carry colour, shape and place.
 2. **Projector + LLM** (the tower frozen): visual-instruction tuning on questions of all four
-   benchmark formats, built by lmms-eval's own prompt functions. The tower's layer -2
-   features of a fixed set of training scenes are computed once; a step then runs the LLM
-   once over the shared prefix ``<s> USER : <image>*576`` of a batch of images, repeats its
+   benchmark formats, built by lmms-eval's own prompt functions. Every step draws fresh scenes
+   (a fixed set of 4,000 was memorised: train accuracy 0.71, held-out ~0.55). A step runs the
+   LLM once over the shared prefix ``<s> USER : <image>*576`` of a batch of images, repeats its
    key/value cache for several questions per image, and runs only the questions on top:
    causal attention makes the image positions' states independent of the question, so this
    is the same computation as running every (image, question) sequence in full, on ~5x fewer
@@ -58,7 +58,6 @@ class TrainConfig:
     tower_steps: int = 800
     tower_batch: int = 16
     tower_lr: float = 3e-3
-    llm_scenes: int = 4000  # fixed training images for stage 2 (features cached)
     llm_steps: int = 3000
     llm_images: int = 8  # images per step
     llm_questions: int = 8  # questions per image per step
@@ -68,6 +67,8 @@ class TrainConfig:
     warmup: int = 100
     threads: int = 2  # fixed, so that runs on bigger machines reduce in the same order
     log_every: int = 50
+    eval_every: int = 250  # held-out answer accuracy (teacher-forced) every this many LLM steps
+    held_out_scenes: int = 40
     tower_from: str = ""  # a saved model folder whose vision tower to reuse (skips stage 1)
 
 
@@ -223,15 +224,13 @@ def tokenize_questions(model, processor, per_scene_docs) -> QuestionSet:
 
 
 @torch.no_grad()
-def tower_features(model, scenes, batch: int = 32, log: Callable[[str], None] = print) -> torch.Tensor:
-    """Layer -2 patch features (CLS dropped, as LLaVA's "default" strategy) of every scene, fp16."""
+def tower_features(model, scenes, batch: int = 32) -> torch.Tensor:
+    """Layer -2 patch features (CLS dropped, as LLaVA's "default" strategy) of ``scenes``."""
     tower = model.model.vision_tower
     chunks = []
     for start in range(0, len(scenes), batch):
         pixels = M.pixel_values([scene_image(s) for s in scenes[start:start + batch]])
-        chunks.append(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:].to(torch.float16))
-        if start // batch % 20 == 0:
-            log(f"features {start + len(chunks[-1])}/{len(scenes)}")
+        chunks.append(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
     return torch.cat(chunks)
 
 
@@ -262,37 +261,59 @@ def llm_step_loss(model, features: torch.Tensor, prefix: list[int], suffixes: li
     return loss, right
 
 
+def _pick_questions(rng: np.random.Generator, questions: QuestionSet, docs, per_image: int, pope_only: bool):
+    """``per_image`` (suffix, answer length) pairs per scene, image-major, drawn with replacement
+    only when a scene has fewer questions than that."""
+    suffixes, lengths = [], []
+    for items, scene_docs in zip(questions.per_scene, docs):
+        if pope_only:
+            items = [q for q, (bench, _) in zip(items, scene_docs) if bench == "pope"]
+        for pick in rng.choice(len(items), size=per_image, replace=len(items) < per_image):
+            suffixes.append(items[int(pick)][0])
+            lengths.append(items[int(pick)][1])
+    return suffixes, lengths
+
+
+@torch.no_grad()
+def held_out_accuracy(model, questions: QuestionSet, docs, features: torch.Tensor, pad_id: int) -> dict[str, float]:
+    """Teacher-forced answer accuracy per benchmark format on held-out scenes (every question)."""
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for index, (items, scene_docs) in enumerate(zip(questions.per_scene, docs)):
+        for (suffix, n_answer), (bench, _) in zip(items, scene_docs):
+            _, correct = llm_step_loss(model, features[index:index + 1], questions.prefix, [suffix], [n_answer], 1, pad_id)
+            right[bench] = right.get(bench, 0) + int(correct)
+            total[bench] = total.get(bench, 0) + 1
+    return {bench: round(right[bench] / total[bench], 4) for bench in sorted(total)}
+
+
 def train_llm(model, processor, config: TrainConfig, log: Callable[[str], None]) -> dict:
+    """Every step draws fresh scenes (rendered, JPEG-coded, through the frozen tower): a fixed
+    set of a few thousand scenes was memorised (train accuracy 0.71, held-out ~0.55)."""
     rng = np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 2])
     start = time.perf_counter()
-    scenes, docs = _train_docs(rng, config.llm_scenes)
-    questions = tokenize_questions(model, processor, docs)
-    features = tower_features(model, scenes, log=log)
-    log(f"stage 2 data: {len(scenes)} scenes, {sum(map(len, questions.per_scene))} questions, "
-        f"{features.numel() * 2 / 2**20:.0f} MiB of features, {time.perf_counter() - start:.0f}s")
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
+    model.model.vision_tower.eval()
+    held_scenes, held_docs = _train_docs(np.random.default_rng([config.seed, TRAIN_SEED_OFFSET, 4]), config.held_out_scenes)
+    held_questions = tokenize_questions(model, processor, held_docs)
+    held_features = tower_features(model, held_scenes)
     params = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
               *model.lm_head.parameters()]
     optimizer = _optimizer(params, config.llm_lr, config.weight_decay)
     pad_id = processor.tokenizer.pad_token_id
-    model.train()
     history, running, right, seen = [], 0.0, 0, 0
     for step in range(config.llm_steps):
         for group in optimizer.param_groups:
             group["lr"] = config.llm_lr * _schedule(step, config.llm_steps, config.warmup)
-        chosen = rng.choice(len(scenes), size=config.llm_images, replace=False)
-        suffixes, lengths = [], []
-        warm = step < config.llm_warmup_fraction * config.llm_steps
-        for index in chosen:
-            pool = questions.per_scene[int(index)]
-            if warm:
-                pool = [q for q, (bench, _) in zip(pool, docs[int(index)]) if bench == "pope"]
-            for pick in rng.choice(len(pool), size=config.llm_questions, replace=len(pool) < config.llm_questions):
-                suffixes.append(pool[int(pick)][0])
-                lengths.append(pool[int(pick)][1])
-        loss, correct = llm_step_loss(model, features[torch.from_numpy(chosen)], questions.prefix, suffixes, lengths,
-                                      config.llm_questions, pad_id)
+        scenes, docs = _train_docs(rng, config.llm_images)
+        questions = tokenize_questions(model, processor, docs)
+        pope_only = step < config.llm_warmup_fraction * config.llm_steps
+        suffixes, lengths = _pick_questions(rng, questions, docs, config.llm_questions, pope_only)
+        features = tower_features(model, scenes)
+        model.model.multi_modal_projector.train()
+        model.model.language_model.train()
+        loss, correct = llm_step_loss(model, features, questions.prefix, suffixes, lengths, config.llm_questions, pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -300,15 +321,19 @@ def train_llm(model, processor, config: TrainConfig, log: Callable[[str], None])
         running += loss.item()
         right += int(correct)
         seen += len(suffixes)
-        if (step + 1) % config.log_every == 0 or step == config.llm_steps - 1:
+        last = step == config.llm_steps - 1
+        if (step + 1) % config.log_every == 0 or last:
             count = (step % config.log_every) + 1
             entry = {"step": step, "loss": round(running / count, 4), "train_acc": round(right / seen, 4)}
+            if (step + 1) % config.eval_every == 0 or last:
+                model.eval()
+                entry["held_out"] = held_out_accuracy(model, held_questions, held_docs, held_features, pad_id)
             history.append(entry)
             log(f"llm {step + 1:5d}/{config.llm_steps}  loss {entry['loss']:.4f}  answer acc {entry['train_acc']:.3f}  "
-                f"{time.perf_counter() - start:.0f}s")
+                + (f"held-out {entry['held_out']}  " if "held_out" in entry else "") + f"{time.perf_counter() - start:.0f}s")
             running, right, seen = 0.0, 0, 0
     model.eval()
-    return {"history": history, "seconds": round(time.perf_counter() - start, 1)}
+    return {"history": history, "held_out": history[-1]["held_out"], "seconds": round(time.perf_counter() - start, 1)}
 
 
 # ---------------------------------------------------------------- the whole recipe
