@@ -201,17 +201,22 @@ def _train_docs(rng: np.random.Generator, n_scenes: int) -> tuple[list, list[lis
     return scenes, per_scene
 
 
-def tokenize_questions(model, processor, per_scene_docs) -> QuestionSet:
+def tokenize_questions(model, processor, per_scene_docs, cache: dict | None = None) -> QuestionSet:
     """Split every prompt at its <image> placeholder: the part before is the same for all (the
-    shared prefix), the part after plus the answer and </s> is the question's suffix."""
+    shared prefix), the part after plus the answer and </s> is the question's suffix. ``cache``
+    (prompt -> ids) skips the chat template for prompts seen before: most questions recur."""
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(M.IMAGE_TOKEN)
+    cache = {} if cache is None else cache
     prefix = None
     per_scene = []
     for docs in per_scene_docs:
         items = []
         for bench, doc in docs:
-            ids = tokenizer(M.chat_prompt(model, processor, M.doc_prompt(bench, doc)))["input_ids"]
+            question = M.doc_prompt(bench, doc)
+            if question not in cache:
+                cache[question] = tokenizer(M.chat_prompt(model, processor, question))["input_ids"]
+            ids = cache[question]
             cut = ids.index(image_id)
             if prefix is None:
                 prefix = ids[:cut]
@@ -261,17 +266,14 @@ def llm_step_loss(model, features: torch.Tensor, prefix: list[int], suffixes: li
     return loss, right
 
 
-def _pick_questions(rng: np.random.Generator, questions: QuestionSet, docs, per_image: int, pope_only: bool):
-    """``per_image`` (suffix, answer length) pairs per scene, image-major, drawn with replacement
-    only when a scene has fewer questions than that."""
-    suffixes, lengths = [], []
-    for items, scene_docs in zip(questions.per_scene, docs):
+def _pick_docs(rng: np.random.Generator, per_scene_docs, per_image: int, pope_only: bool):
+    """``per_image`` questions per scene, drawn with replacement only when a scene has fewer."""
+    picked = []
+    for docs in per_scene_docs:
         if pope_only:
-            items = [q for q, (bench, _) in zip(items, scene_docs) if bench == "pope"]
-        for pick in rng.choice(len(items), size=per_image, replace=len(items) < per_image):
-            suffixes.append(items[int(pick)][0])
-            lengths.append(items[int(pick)][1])
-    return suffixes, lengths
+            docs = [d for d in docs if d[0] == "pope"]
+        picked.append([docs[int(i)] for i in rng.choice(len(docs), size=per_image, replace=len(docs) < per_image)])
+    return picked
 
 
 @torch.no_grad()
@@ -302,14 +304,18 @@ def train_llm(model, processor, config: TrainConfig, log: Callable[[str], None])
               *model.lm_head.parameters()]
     optimizer = _optimizer(params, config.llm_lr, config.weight_decay)
     pad_id = processor.tokenizer.pad_token_id
+    prompts: dict[str, list[int]] = {}
     history, running, right, seen = [], 0.0, 0, 0
     for step in range(config.llm_steps):
         for group in optimizer.param_groups:
             group["lr"] = config.llm_lr * _schedule(step, config.llm_steps, config.warmup)
+        if len(prompts) > 100_000:  # MMBench option lists make prompts many; bound the cache
+            prompts.clear()
         scenes, docs = _train_docs(rng, config.llm_images)
-        questions = tokenize_questions(model, processor, docs)
         pope_only = step < config.llm_warmup_fraction * config.llm_steps
-        suffixes, lengths = _pick_questions(rng, questions, docs, config.llm_questions, pope_only)
+        questions = tokenize_questions(model, processor, _pick_docs(rng, docs, config.llm_questions, pope_only), prompts)
+        suffixes = [suffix for items in questions.per_scene for suffix, _ in items]
+        lengths = [n_answer for items in questions.per_scene for _, n_answer in items]
         features = tower_features(model, scenes)
         model.model.multi_modal_projector.train()
         model.model.language_model.train()
