@@ -18,10 +18,11 @@ Two stages, as LLaVA itself is built (a pretrained CLIP, then the projector and 
    causal attention makes the image positions' states independent of the question, so this
    is the same computation as running every (image, question) sequence in full, on ~5x fewer
    tokens (8 images x 8 questions: 8 x 579 + 64 x ~25 tokens instead of 64 x ~604).
-   The first 40% of the steps ask existence (POPE-format) questions only: a from-scratch LLM
-   has to learn to find a few object tokens among 576 near-identical background ones, and
-   it learns that faster on one kind of question than on the mixture (measured: the mixture
-   alone stayed at chance for 2,000 steps, POPE alone reached ~67% in 300).
+   The first quarter of the steps ask existence (POPE-format) questions only: a from-scratch
+   LLM has to learn to find a few object tokens among 576 near-identical background ones, and
+   it learns that faster on one kind of question than on the mixture (measured: POPE alone,
+   fresh scenes: held-out 0.78 after 400 steps, 0.85 after 800; then the mixture: GQA 0.61,
+   MMBench 0.30, MME 0.58, POPE 0.84 after 400 more).
 
 Training scenes come from seeds disjoint from the benchmark's (:data:`EVAL_SEED`), so the
 benchmark's scenes are never seen. Everything is seeded; ``scripts/train_tiny_vlm.py`` is the
@@ -58,16 +59,16 @@ class TrainConfig:
     tower_steps: int = 800
     tower_batch: int = 16
     tower_lr: float = 3e-3
-    llm_steps: int = 3000
+    llm_steps: int = 3600
     llm_images: int = 8  # images per step
     llm_questions: int = 8  # questions per image per step
     llm_lr: float = 1e-3
-    llm_warmup_fraction: float = 0.4  # first steps: existence (POPE-format) questions only
+    llm_warmup_fraction: float = 0.25  # first steps: existence (POPE-format) questions only
     weight_decay: float = 0.01
     warmup: int = 100
     threads: int = 2  # fixed, so that runs on bigger machines reduce in the same order
     log_every: int = 50
-    eval_every: int = 250  # held-out answer accuracy (teacher-forced) every this many LLM steps
+    eval_every: int = 600  # held-out answer accuracy (teacher-forced) every this many LLM steps
     held_out_scenes: int = 40
     tower_from: str = ""  # a saved model folder whose vision tower to reuse (skips stage 1)
 
