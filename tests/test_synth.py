@@ -114,6 +114,41 @@ def test_gqa_and_mmbench_answers_follow_from_the_scene():
         assert len(options) == len(set(options)) == 4 and 0 <= correct < 4
 
 
+def test_hard_training_pairs_have_a_colour_decoy_negative():
+    rng = np.random.default_rng(3)
+    scene_list, docs = T._train_docs(rng, 60, hard_pairs=2)
+    assert any(Q.colour_decoys(scene) for scene in scene_list)
+    for scene, with_hard in zip(scene_list, docs):
+        decoys = Q.colour_decoys(scene)
+        assert all(not scene.has(c, s) and scene.find(color=c) for c, s in decoys)
+        assert set(decoys) == {(c, s) for c, s in Q.absent_pairs(scene) if c in {o.color for o in scene.objects}}
+        extra = [d for bench, d in with_hard if bench == "pope"][6:]
+        assert len(extra) == (4 if decoys else 0)
+        for doc in extra:
+            color, shape = doc["question"].rstrip("?").split()[3:5]
+            assert doc["answer"] == ("yes" if scene.has(color, shape) else "no")
+            if doc["answer"] == "no":
+                assert (color, shape) in decoys
+        assert [d["answer"] for d in extra] == ["yes", "no"] * (len(extra) // 2)
+
+
+def test_short_image_block_keeps_every_object_patch_in_tower_order():
+    rng = np.random.default_rng(4)
+    scene_list = scenes(6, seed=5)
+    _, labels = T.render_batch(scene_list)
+    assert labels.shape == (6, GRID * GRID)
+    lengths = set()
+    for _ in range(20):
+        index = T.short_image_block(rng, labels, 64).numpy()
+        k = index.shape[1]
+        lengths.add(k)
+        assert max(64, (labels > 0).sum(1).max()) <= k <= GRID * GRID
+        for row, kept in zip(labels, index):
+            assert (np.diff(kept) > 0).all()  # ascending, no repeats
+            assert set(np.flatnonzero(row > 0)) <= set(kept.tolist())
+    assert len(lengths) > 10  # the length varies from step to step
+
+
 def test_mme_pairs_have_one_true_and_one_false_statement():
     rng = np.random.default_rng(2)
     for scene in scenes(150):
@@ -196,7 +231,7 @@ def test_shared_prefix_loss_equals_full_sequences(synth_parts):
     model, processor = synth_parts
     scene_list, docs = T._train_docs(np.random.default_rng(1), 2)
     questions = T.tokenize_questions(model, processor, docs)
-    features = T.tower_features(model, scene_list)
+    features = T.tower_features(model, [T.scene_image(s) for s in scene_list])
     suffixes = [questions.per_scene[i][j][0] for i in range(2) for j in range(3)]
     lengths = [questions.per_scene[i][j][1] for i in range(2) for j in range(3)]
     with torch.no_grad():

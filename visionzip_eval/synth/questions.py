@@ -47,6 +47,13 @@ def adversarial_pairs(scene: Scene) -> list[tuple[str, str]]:
     return [(c, s) for c, s in absent_pairs(scene) if c in present_colors or s in present_shapes]
 
 
+def colour_decoys(scene: Scene) -> list[tuple[str, str]]:
+    """Absent pairs whose colour is in the scene: the negatives a model that checks the
+    colour alone gets wrong."""
+    present_colors = {o.color for o in scene.objects}
+    return [(c, s) for c, s in absent_pairs(scene) if c in present_colors]
+
+
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
