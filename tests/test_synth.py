@@ -257,6 +257,7 @@ def test_training_runs_end_to_end_and_saves_a_loadable_model(tmp_path):
     from visionzip_eval.synth.weights import load_trained
 
     config = T.TrainConfig(tower_steps=2, tower_batch=2, llm_steps=2, llm_images=2, llm_questions=2,
+                           llm_warmup_fraction=0.5, llm_short_fraction=1.0,  # step 1: a short image block
                            warmup=1, log_every=1, eval_every=2, held_out_scenes=2)
     lines = []
     report = T.train(tmp_path / "m", config, log=lines.append)

@@ -23,6 +23,13 @@ Two stages, as LLaVA itself is built (a pretrained CLIP, then the projector and 
    it learns that faster on one kind of question than on the mixture (measured: POPE alone,
    fresh scenes: held-out 0.78 after 400 steps, 0.85 after 800; then the mixture: GQA 0.61,
    MMBench 0.30, MME 0.58, POPE 0.84 after 400 more).
+   After that phase, half the steps show the LLM a **shorter image block** (every object
+   patch plus random background patches, 64 to 576 tokens, at contiguous positions, as any
+   token reduction feeds it): trained on 576 tokens only, the LLM had tied its answers to the
+   question's distance from the image, and at 64 tokens answered "What color is the circle?"
+   with "2" whatever the method. Every scene also gets **existence pairs whose negative
+   shares its colour** with an object in the scene, so that answering by colour alone stops
+   paying (:func:`_train_docs`).
 
 Training scenes come from seeds disjoint from the benchmark's (:data:`EVAL_SEED`), so the
 benchmark's scenes are never seen. Everything is seeded; ``scripts/train_tiny_vlm.py`` is the
