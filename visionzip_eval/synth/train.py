@@ -203,19 +203,19 @@ def _train_docs(rng: np.random.Generator, n_scenes: int, hard_pairs: int = 0) ->
     the benchmark's own negatives alone (random / popular / adversarial), the model learnt to
     answer by colour: on the POPE set it answered "no" to 1 of 58 negatives whose colour was
     in the scene and to 0 of 45 whose colour and shape both were (on different objects),
-    against 177 of 197 of the other negatives."""
+    against 177 of 197 of the other negatives; trained with two such pairs per scene, to 58
+    of 58 and 43 of 45."""
     scenes = [random_scene(rng) for _ in range(n_scenes)]
     popular = B.popular_pairs(scenes)
     per_scene: list[list[tuple[str, dict]]] = []
     letters = "ABCD"
     for scene in scenes:
         docs = [("pope", {"question": q, "answer": a}) for q, a, _ in Q.pope_questions(scene, rng, popular)]
-        for _ in range(hard_pairs):  # a present object and an absent one of a present colour
-            decoys = Q.colour_decoys(scene)
-            if decoys:
-                present, decoy = scene.objects[int(rng.integers(len(scene.objects)))], decoys[int(rng.integers(len(decoys)))]
-                docs += [("pope", {"question": Q.existence_question(present.color, present.shape), "answer": "yes"}),
-                         ("pope", {"question": Q.existence_question(*decoy), "answer": "no"})]
+        decoys = Q.colour_decoys(scene)
+        for _ in range(hard_pairs if decoys else 0):  # a present object and an absent one of a present colour
+            present, decoy = scene.objects[int(rng.integers(len(scene.objects)))], decoys[int(rng.integers(len(decoys)))]
+            docs += [("pope", {"question": Q.existence_question(present.color, present.shape), "answer": "yes"}),
+                     ("pope", {"question": Q.existence_question(*decoy), "answer": "no"})]
         category, yes, no = Q.mme_pair(scene, rng)
         docs += [("mme", {"question": yes, "answer": "Yes"}), ("mme", {"question": no, "answer": "No"})]
         for _ in range(3):
