@@ -221,7 +221,7 @@ def test_tokenizer_covers_every_benchmark_prompt(synth_parts):
 
 def test_fast_pixel_values_equal_the_clip_processor(synth_parts):
     _, processor = synth_parts
-    images = [T.scene_image(s) for s in scenes(3)]
+    images, _ = T.render_batch(scenes(3))
     expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     assert torch.allclose(M.pixel_values(images), expected, atol=1e-5)
 
@@ -231,7 +231,8 @@ def test_shared_prefix_loss_equals_full_sequences(synth_parts):
     model, processor = synth_parts
     scene_list, docs = T._train_docs(np.random.default_rng(1), 2)
     questions = T.tokenize_questions(model, processor, docs)
-    features = T.tower_features(model, [T.scene_image(s) for s in scene_list])
+    images, _ = T.render_batch(scene_list)
+    features = T.tower_features(model, images)
     suffixes = [questions.per_scene[i][j][0] for i in range(2) for j in range(3)]
     lengths = [questions.per_scene[i][j][1] for i in range(2) for j in range(3)]
     with torch.no_grad():
@@ -247,7 +248,7 @@ def test_shared_prefix_loss_equals_full_sequences(synth_parts):
     assert shared.item() == pytest.approx(total / count, rel=1e-5)
     # and the prefix is what the real processor puts before the image tokens
     prompt = M.chat_prompt(model, processor, "Is there a red circle in the image?")
-    ids = processor(images=[T.scene_image(scene_list[0])], text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+    ids = processor(images=images[:1], text=prompt, return_tensors="pt")["input_ids"][0].tolist()
     image_id = processor.tokenizer.convert_tokens_to_ids(M.IMAGE_TOKEN)
     assert ids[:len(questions.prefix)] == questions.prefix and ids.count(image_id) == 576
 

@@ -99,11 +99,6 @@ def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
                              lr=lr, betas=(0.9, 0.98))
 
 
-def scene_image(scene):
-    """A rendered scene through the benchmark's JPEG encoding (what the model sees at test time)."""
-    return B.decode(B.encode(render(scene)[0]))
-
-
 # ---------------------------------------------------------------- stage 1: the vision tower
 
 
@@ -116,8 +111,9 @@ class TowerHeads(nn.Module):
 
 
 def render_batch(scenes) -> tuple[list, np.ndarray]:
-    """JPEG-coded images (as :func:`scene_image`) and (len(scenes), 576) per-patch object labels
-    (:func:`patch_labels`), from one render of each scene."""
+    """The scenes rendered through the benchmark's JPEG encoding (what the model sees at test
+    time) and their (len(scenes), 576) per-patch object labels (:func:`patch_labels`), from one
+    render of each scene."""
     images, labels = [], []
     for scene in scenes:
         image, object_map = render(scene)
