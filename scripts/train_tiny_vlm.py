@@ -27,11 +27,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=SHIPPED_DIR, help=f"output folder (default: {SHIPPED_DIR})")
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):  # --x / --no-x: type=bool would read "False" as True
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            parser.add_argument(flag, type=type(field.default), default=field.default, help=f"(default: {field.default})")
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
+                            help=f"(default: {field.default})")
     args = parser.parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     train(args.out, config, log=lambda line: print(line, flush=True))

@@ -159,33 +159,6 @@ def test_mme_pairs_have_one_true_and_one_false_statement():
             assert f" {Q.NUMBER_WORDS[len(scene.objects)]} " in yes and f" {Q.NUMBER_WORDS[len(scene.objects)]} " not in no
 
 
-def test_mme_pair_in_a_chosen_category_and_every_category_in_training():
-    rng = np.random.default_rng(6)
-    scene_list, docs = T._train_docs(rng, 40, every_mme_category=True)
-    assert {c for scene in scene_list for c in Q.mme_categories(scene)} == set(Q.MME_CATEGORIES)
-    for scene, scene_docs in zip(scene_list, docs):
-        mme = [d for bench, d in scene_docs if bench == "mme"]
-        assert [d["answer"] for d in mme] == ["Yes", "No"] * len(Q.mme_categories(scene))
-        for category in Q.mme_categories(scene):
-            assert Q.mme_pair(scene, rng, category)[0] == category
-    one_object = next(scene for scene in scenes(200) if len(scene.objects) == 1)
-    with pytest.raises(ValueError, match="position"):
-        Q.mme_pair(one_object, rng, "position")
-
-
-def test_position_targets_follow_the_patch_order_of_the_labels():
-    """The tower's x/y targets index patches as patch_labels (and the tower) do: an object's
-    labelled patches sit around its centre."""
-    scene_list = [s for s in scenes(40, seed=7) if len(s.objects) == 1 and s.objects[0].size >= 40][:3]
-    assert scene_list
-    _, labels = T.render_batch(scene_list)
-    for scene, row in zip(scene_list, labels):
-        on = torch.from_numpy(np.flatnonzero(row > 0))
-        obj = scene.objects[0]
-        x, y = T._PATCH_XY[on].mean(0).tolist()
-        assert abs(x * 336 - obj.cx) < 14 and abs(y * 336 - obj.cy) < 14
-
-
 def test_benchmark_written_and_read_back(tmp_path):
     import datasets
 
