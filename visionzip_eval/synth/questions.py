@@ -28,7 +28,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 MIN_SEPARATION = 24  # px between two centres before "left of" / "above" is asked
 
 
-def _pick(rng: np.random.Generator, items: Sequence):
+def pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
@@ -68,14 +68,14 @@ def pope_questions(scene: Scene, rng: np.random.Generator, popular: Sequence[tup
     out = []
     absent = absent_pairs(scene)
     for category in POPE_CATEGORIES:
-        present = _pick(rng, scene.objects)
+        present = pick(rng, scene.objects)
         out.append((existence_question(present.color, present.shape), "yes", category))
         if category == "random":
-            negative = _pick(rng, absent)
+            negative = pick(rng, absent)
         elif category == "popular":
             negative = next(p for p in popular if p in absent)
         else:
-            negative = _pick(rng, adversarial_pairs(scene) or absent)
+            negative = pick(rng, adversarial_pairs(scene) or absent)
         out.append((existence_question(*negative), "no", category))
     return out
 
@@ -118,24 +118,24 @@ def mme_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
         categories.append("position")
     if _unique_shapes(scene):
         categories.append("color")
-    category = _pick(rng, categories)
+    category = pick(rng, categories)
     if category == "existence":
-        present = _pick(rng, scene.objects)
-        absent = _pick(rng, adversarial_pairs(scene) or absent_pairs(scene))
+        present = pick(rng, scene.objects)
+        absent = pick(rng, adversarial_pairs(scene) or absent_pairs(scene))
         yes = f"Is there {article(present.color)} {present.name} in this image?"
         no = f"Is there {article(absent[0])} {absent[0]} {absent[1]} in this image?"
     elif category == "count":
         n = len(scene.objects)
-        wrong = _pick(rng, [m for m in (n - 1, n + 1) if 1 <= m <= len(NUMBER_WORDS) - 1])
+        wrong = pick(rng, [m for m in (n - 1, n + 1) if 1 <= m <= len(NUMBER_WORDS) - 1])
         yes = f"Are there {NUMBER_WORDS[n]} shapes in this image?"
         no = f"Are there {NUMBER_WORDS[wrong]} shapes in this image?"
     elif category == "position":
-        a, b, relation = _pick(rng, _separated_pairs(scene))
+        a, b, relation = pick(rng, _separated_pairs(scene))
         yes = f"Is the {a.name} {RELATION_PHRASE[relation]} the {b.name}?"
         no = f"Is the {a.name} {RELATION_PHRASE[OPPOSITE[relation]]} the {b.name}?"
     else:
-        obj = _pick(rng, _unique_shapes(scene))
-        other = _pick(rng, [c for c in COLOR_NAMES if c != obj.color])
+        obj = pick(rng, _unique_shapes(scene))
+        other = pick(rng, [c for c in COLOR_NAMES if c != obj.color])
         yes = f"Is the {obj.shape} in this image {obj.color}?"
         no = f"Is the {obj.shape} in this image {other}?"
     return category, yes + suffix, no + suffix
@@ -154,18 +154,18 @@ def _kinds(scene: Scene) -> list[str]:
 
 def gqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str, str]:
     """(question, answer, full answer, kind)."""
-    kind = _pick(rng, _kinds(scene))
+    kind = pick(rng, _kinds(scene))
     if kind == "count":
         n = len(scene.objects)
         noun = "shape" if n == 1 else "shapes"
         return "How many shapes are in the image?", str(n), f"There {'is' if n == 1 else 'are'} {n} {noun}.", kind
     if kind == "color":
-        obj = _pick(rng, _unique_shapes(scene))
+        obj = pick(rng, _unique_shapes(scene))
         return f"What color is the {obj.shape}?", obj.color, f"The {obj.shape} is {obj.color}.", kind
     if kind == "shape":
-        obj = _pick(rng, _unique_colors(scene))
+        obj = pick(rng, _unique_colors(scene))
         return f"What shape is the {obj.color} object?", obj.shape, f"The {obj.color} object is {article(obj.shape)} {obj.shape}.", kind
-    a, b, relation = _pick(rng, _separated_pairs(scene))
+    a, b, relation = pick(rng, _separated_pairs(scene))
     if relation in ("left", "right"):
         question = f"Is the {a.name} to the left or to the right of the {b.name}?"
     else:
@@ -183,21 +183,21 @@ MMBENCH_CATEGORY = {  # kind -> (MMBench category, L2 category), the nearest rea
 
 def mmbench_question(scene: Scene, rng: np.random.Generator) -> tuple[str, list[str], int, str, str]:
     """(question, four options, index of the right one, category, L2 category)."""
-    kind = _pick(rng, _kinds(scene))
+    kind = pick(rng, _kinds(scene))
     if kind == "count":
         n = len(scene.objects)
         question, right = "How many shapes are in the image?", str(n)
         pool = [str(m) for m in range(1, 7) if m != n]
     elif kind == "color":
-        obj = _pick(rng, _unique_shapes(scene))
+        obj = pick(rng, _unique_shapes(scene))
         question, right = f"What color is the {obj.shape}?", obj.color
         pool = [c for c in COLOR_NAMES if c != obj.color]
     elif kind == "shape":
-        obj = _pick(rng, _unique_colors(scene))
+        obj = pick(rng, _unique_colors(scene))
         question, right = f"What shape is the {obj.color} object?", obj.shape
         pool = [s for s in SHAPES if s != obj.shape]
     else:
-        a, b, relation = _pick(rng, _separated_pairs(scene))
+        a, b, relation = pick(rng, _separated_pairs(scene))
         question, right = f"Where is the {a.name} relative to the {b.name}?", relation
         pool = [r for r in RELATION_PHRASE if r != relation]
     wrong = [pool[int(i)] for i in rng.permutation(len(pool))[:3]]

@@ -220,7 +220,7 @@ def _train_docs(rng: np.random.Generator, n_scenes: int, hard_pairs: int = 0) ->
         docs = [("pope", {"question": q, "answer": a}) for q, a, _ in Q.pope_questions(scene, rng, popular)]
         decoys = Q.colour_decoys(scene)
         for _ in range(hard_pairs if decoys else 0):  # a present object and an absent one of a present colour
-            present, decoy = scene.objects[int(rng.integers(len(scene.objects)))], decoys[int(rng.integers(len(decoys)))]
+            present, decoy = Q.pick(rng, scene.objects), Q.pick(rng, decoys)
             docs += [("pope", {"question": Q.existence_question(present.color, present.shape), "answer": "yes"}),
                      ("pope", {"question": Q.existence_question(*decoy), "answer": "no"})]
         category, yes, no = Q.mme_pair(scene, rng)
