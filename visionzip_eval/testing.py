@@ -152,6 +152,20 @@ def tiny_llava_config(
     )
 
 
+def _instantiate(model_class, config, tokenizer, seed: int, attn_implementation: str):
+    """``model_class(config)`` under ``seed`` (the global RNG left as it was), eval mode, with the
+    attention implementation on every sub-config and the tokenizer's pad/eos ids."""
+    config._attn_implementation = attn_implementation
+    for sub in (config.vision_config, config.text_config):
+        sub._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
 def build_tiny_llava(
     seed: int = 0, attn_implementation: str = "sdpa", **sizes: int
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -163,15 +177,7 @@ def build_tiny_llava(
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         **sizes,
     )
-    config._attn_implementation = attn_implementation
-    for sub in (config.vision_config, config.text_config):
-        sub._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval(), processor
+    return _instantiate(LlavaForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
 
 
 def save_tiny_llava(directory: str | Path, seed: int = 0, **sizes: int) -> Path:
@@ -340,18 +346,6 @@ def build_tiny_llava_onevision(
         projector_hidden_act="gelu",
     )
     return _instantiate(LlavaOnevisionForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
-
-
-def _instantiate(model_class, config, tokenizer, seed: int, attn_implementation: str):
-    config._attn_implementation = attn_implementation
-    for sub in (config.vision_config, config.text_config):
-        sub._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval()
 
 
 # -- original LLaVA (the llava package) --------------------------------------------------
@@ -560,18 +554,11 @@ def build_tiny_qwen2_5_vl(
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    config._attn_implementation = attn_implementation
-    for sub in (config.vision_config, config.text_config):
-        sub._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-        with torch.no_grad():  # sharper than the 0.02 init: attention scores that are not uniform
-            for block in model.model.visual.blocks:
-                block.attn.qkv.weight.mul_(8.0)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval(), processor
+    model = _instantiate(Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed, attn_implementation)
+    with torch.no_grad():  # sharper than the 0.02 init: attention scores that are not uniform
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight.mul_(8.0)
+    return model, processor
 
 
 # -- the trained reference model --------------------------------------------------------------
