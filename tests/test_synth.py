@@ -159,30 +159,6 @@ def test_mme_pairs_have_one_true_and_one_false_statement():
             assert f" {Q.NUMBER_WORDS[len(scene.objects)]} " in yes and f" {Q.NUMBER_WORDS[len(scene.objects)]} " not in no
 
 
-def test_mme_pair_in_a_chosen_category_and_refused_where_the_scene_allows_none():
-    rng = np.random.default_rng(4)
-    refused = 0
-    for scene in scenes(80):
-        for category in Q.MME_CATEGORIES:
-            if category in Q.mme_categories(scene):
-                assert Q.mme_pair(scene, rng, category)[0] == category
-            else:
-                refused += 1
-                with pytest.raises(ValueError, match=f"no MME '{category}' question"):
-                    Q.mme_pair(scene, rng, category)
-    assert refused > 0
-
-
-def test_count_training_pairs_ask_the_true_count_and_a_neighbour():
-    scene_list, docs = T._train_docs(np.random.default_rng(3), 60, count_pairs=1)
-    for scene, scene_docs in zip(scene_list, docs):
-        mme = [d for bench, d in scene_docs if bench == "mme"]
-        assert len(mme) == 4 and [d["answer"] for d in mme] == ["Yes", "No", "Yes", "No"]
-        yes, no = (d["question"].split()[2] for d in mme[2:])  # "Are there <number> shapes ..."
-        n = len(scene.objects)
-        assert Q.NUMBER_WORDS.index(yes) == n and abs(Q.NUMBER_WORDS.index(no) - n) == 1
-
-
 def test_benchmark_written_and_read_back(tmp_path):
     import datasets
 

@@ -110,25 +110,15 @@ OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"
 RELATION_PHRASE = {"left": "on the left of", "right": "on the right of", "above": "above", "below": "below"}
 
 
-def mme_categories(scene: Scene) -> list[str]:
-    """The MME perception categories a question about ``scene`` can be asked in."""
+def mme_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(category, yes question, no question) in one MME perception category the scene allows."""
+    suffix = " Please answer yes or no."
     categories = ["existence", "count"]
     if _separated_pairs(scene):
         categories.append("position")
     if _unique_shapes(scene):
         categories.append("color")
-    return categories
-
-
-def mme_pair(scene: Scene, rng: np.random.Generator, category: str | None = None) -> tuple[str, str, str]:
-    """(category, yes question, no question) in ``category``, or in one drawn from those the
-    scene allows (:func:`mme_categories`)."""
-    suffix = " Please answer yes or no."
-    allowed = mme_categories(scene)
-    if category is None:
-        category = pick(rng, allowed)
-    elif category not in allowed:
-        raise ValueError(f"this scene allows no MME {category!r} question; allowed: {allowed}")
+    category = pick(rng, categories)
     if category == "existence":
         present = pick(rng, scene.objects)
         absent = pick(rng, adversarial_pairs(scene) or absent_pairs(scene))

@@ -45,6 +45,12 @@ features, one object's absolute place ("Is the red circle on the left of the ima
 slowly to 0.65 held-out after 600 steps of those questions alone, but relational questions
 added next stayed at 0.50 for 600 more steps while the absolute ones fell back to 0.49.
 
+Also tried and dropped: MME's count pairs sit at chance (36 of 66) although the model counts
+(GQA "How many" 48 of 59). Fine-tuning on count questions alone lifts held-out MME count from
+0.57 to 0.78 in 300 steps, but a retrain with one extra MME count pair per training scene
+traded more than it gained (full sets: MME count 44 of 66, but colour 55 -> 46 and existence
+60 -> 57 of MME's, GQA 195 -> 178 of 240 with its count 48 -> 37, POPE 593 -> 575 of 600).
+
 Training scenes come from seeds disjoint from the benchmark's (:data:`EVAL_SEED`), so the
 benchmark's scenes are never seen. Everything is seeded; ``scripts/train_tiny_vlm.py`` is the
 command line.
@@ -86,7 +92,6 @@ class TrainConfig:
     llm_lr: float = 1e-3
     llm_warmup_fraction: float = 0.25  # first steps: existence (POPE-format) questions only
     llm_hard_pairs: int = 2  # extra existence pairs per scene with a colour-sharing negative
-    llm_count_pairs: int = 1  # extra MME count pairs per scene
     llm_short_fraction: float = 0.5  # after those: this share of steps shows a shorter image block
     llm_short_min: int = 64  # its length is drawn from [llm_short_min, 576]
     weight_decay: float = 0.01
@@ -208,20 +213,14 @@ class QuestionSet:
     per_scene: list[list[tuple[list[int], int]]]
 
 
-def _train_docs(rng: np.random.Generator, n_scenes: int, hard_pairs: int = 0,
-                count_pairs: int = 0) -> tuple[list, list[list[tuple[str, dict]]]]:
-    """Scenes and, per scene, (benchmark, doc) questions of every format, plus:
-
-    - ``hard_pairs`` extra existence pairs whose negative shares its colour with an object in
-      the scene. Trained on the benchmark's own negatives alone (random / popular /
-      adversarial), the model learnt to answer by colour: on the POPE set it answered "no" to
-      1 of 58 negatives whose colour was in the scene and to 0 of 45 whose colour and shape
-      both were (on different objects), against 177 of 197 of the other negatives; trained
-      with two such pairs per scene, to 58 of 58 and 43 of 45.
-    - ``count_pairs`` extra MME count pairs ("Are there three shapes ...?"). With one MME pair
-      per scene in a drawn category, the model counted (GQA "How many" 48 of 59) but answered
-      MME's count pairs at chance (36 of 66); fine-tuned on count questions alone, its
-      held-out MME count accuracy went from 0.57 to 0.78 in 300 steps."""
+def _train_docs(rng: np.random.Generator, n_scenes: int, hard_pairs: int = 0) -> tuple[list, list[list[tuple[str, dict]]]]:
+    """Scenes and, per scene, (benchmark, doc) questions of every format; ``hard_pairs`` extra
+    existence pairs whose negative shares its colour with an object in the scene. Trained on
+    the benchmark's own negatives alone (random / popular / adversarial), the model learnt to
+    answer by colour: on the POPE set it answered "no" to 1 of 58 negatives whose colour was
+    in the scene and to 0 of 45 whose colour and shape both were (on different objects),
+    against 177 of 197 of the other negatives; trained with two such pairs per scene, to 58
+    of 58 and 43 of 45."""
     scenes = [random_scene(rng) for _ in range(n_scenes)]
     popular = B.popular_pairs(scenes)
     per_scene: list[list[tuple[str, dict]]] = []
@@ -235,9 +234,6 @@ def _train_docs(rng: np.random.Generator, n_scenes: int, hard_pairs: int = 0,
                      ("pope", {"question": Q.existence_question(*decoy), "answer": "no"})]
         category, yes, no = Q.mme_pair(scene, rng)
         docs += [("mme", {"question": yes, "answer": "Yes"}), ("mme", {"question": no, "answer": "No"})]
-        for _ in range(count_pairs):
-            _, yes, no = Q.mme_pair(scene, rng, "count")
-            docs += [("mme", {"question": yes, "answer": "Yes"}), ("mme", {"question": no, "answer": "No"})]
         for _ in range(3):
             question, answer, *_ = Q.gqa_question(scene, rng)
             docs.append(("gqa", {"question": question, "answer": answer}))
@@ -377,7 +373,7 @@ def train_llm(model, processor, config: TrainConfig, log: Callable[[str], None])
             group["lr"] = config.llm_lr * _schedule(step, config.llm_steps, config.warmup)
         if len(prompts) > 100_000:  # MMBench option lists make prompts many; bound the cache
             prompts.clear()
-        scenes, docs = _train_docs(rng, config.llm_images, config.llm_hard_pairs, config.llm_count_pairs)
+        scenes, docs = _train_docs(rng, config.llm_images, config.llm_hard_pairs)
         pope_only = step < config.llm_warmup_fraction * config.llm_steps
         questions = tokenize_questions(model, processor, _pick_docs(rng, docs, config.llm_questions, pope_only), prompts)
         suffixes = [suffix for items in questions.per_scene for suffix, _ in items]
