@@ -1,6 +1,7 @@
 """Helpers shared by the model-level tests (pytest puts tests/ on sys.path)."""
 
 import torch
+from lmms_eval.api.instance import Instance
 
 
 def hooks(model):
@@ -29,3 +30,23 @@ def llm_input_embeddings(model, **inputs):
     finally:
         handle.remove()
     return seen[0], out
+
+
+def doc_visuals(key):
+    """A task's doc_to_visual for docs that hold one visual, or a list, under ``key``."""
+
+    def visuals(doc):
+        return doc[key] if isinstance(doc[key], list) else [doc[key]]
+
+    return visuals
+
+
+def generate_requests(ids, key="image", task="demo", max_new_tokens=4):
+    """lmms-eval ``generate_until`` Instances asking "What is shown?" of docs ``ids`` of ``task``
+    (split "test"), their visuals under ``key``."""
+    gen = {"max_new_tokens": max_new_tokens, "until": ["\n\n"]}
+    return [
+        Instance("generate_until", ("What is shown?", dict(gen), doc_visuals(key), i, task, "test"), i,
+                 {"task": task, "doc_id": i, "repeats": 1})
+        for i in ids
+    ]

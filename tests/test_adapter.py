@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import doc_visuals, generate_requests
 from lmms_eval.api.instance import Instance
 
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM, _cli_output_path
@@ -22,18 +23,6 @@ def make_lm(tmp_path, **kwargs):
     return lm
 
 
-def visuals(doc):
-    return doc["image"] if isinstance(doc["image"], list) else [doc["image"]]
-
-
-def requests(ids, task="demo"):
-    return [
-        Instance("generate_until", ("What is shown?", dict(GEN), visuals, i, task, "test"), i,
-                 {"task": task, "doc_id": i, "repeats": 1})
-        for i in ids
-    ]
-
-
 def rows(tmp_path):
     return [json.loads(line) for line in (tmp_path / "efficiency.jsonl").read_text().splitlines()]
 
@@ -42,7 +31,7 @@ def rows(tmp_path):
 @pytest.mark.parametrize("method", ["visionzip", "random", "pool"])
 def test_visual_tokens_per_request(tmp_path, budget, per_image, method):
     lm = make_lm(tmp_path, budget=budget, method=method)
-    results = lm.generate_until(requests([0, 2, 3]))
+    results = lm.generate_until(generate_requests([0, 2, 3]))
     lm.clean()
     assert [r.text != SAMPLE_ERROR for r in results] == [True, True, True]
     got = {r["doc_id"]: r for r in rows(tmp_path)}
@@ -55,7 +44,7 @@ def test_visual_tokens_per_request(tmp_path, budget, per_image, method):
 
 def test_efficiency_rows_are_complete(tmp_path):
     lm = make_lm(tmp_path, budget=64, batch_size=2)
-    lm.generate_until(requests([0, 1, 2, 3]))
+    lm.generate_until(generate_requests([0, 1, 2, 3]))
     lm.clean()
     table = rows(tmp_path)
     assert len(table) == 4 and all(set(FIELDS) <= set(r) for r in table)
@@ -74,7 +63,7 @@ def test_efficiency_rows_are_complete(tmp_path):
 
 def test_broken_image_costs_one_sample(tmp_path):
     lm = make_lm(tmp_path, budget=64, batch_size=4)
-    results = lm.generate_until(requests([0, 1, 2]))
+    results = lm.generate_until(generate_requests([0, 1, 2]))
     lm.clean()
     assert [r.text == SAMPLE_ERROR for r in results] == [False, True, False]
     errors = {r["doc_id"]: r["error"] for r in rows(tmp_path)}
@@ -84,8 +73,8 @@ def test_broken_image_costs_one_sample(tmp_path):
 def test_full_prefill_flops_exceed_reduced(tmp_path):
     full = make_lm(tmp_path / "full", budget="full")
     small = make_lm(tmp_path / "small", budget=64)
-    full.generate_until(requests([0]))
-    small.generate_until(requests([0]))
+    full.generate_until(generate_requests([0]))
+    small.generate_until(generate_requests([0]))
     assert rows(tmp_path / "full")[0]["prefill_flops"] > 5 * rows(tmp_path / "small")[0]["prefill_flops"]
 
 
@@ -98,7 +87,7 @@ def test_multi_round_reuses_the_image_tokens(tmp_path):
 
     request = Instance(
         "generate_until_multi_round",
-        ("What is shown?", dict(GEN), visuals, next_turn, 0, "demo", "test"), 0,
+        ("What is shown?", dict(GEN), doc_visuals("image"), next_turn, 0, "demo", "test"), 0,
         {"task": "demo", "doc_id": 0, "repeats": 1},
     )
     before = lm.engine.vision_calls

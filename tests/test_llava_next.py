@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from lmms_eval.api.instance import Instance
 
 from visionzip_eval import (
     NoReduction,
@@ -27,7 +26,7 @@ from visionzip_eval.backends.llava_next import (
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import visionzip_select
 from visionzip_eval.testing import build_tiny_llava_next, sample_images
-from helpers import hooks, llm_input_embeddings
+from helpers import generate_requests, hooks, llm_input_embeddings
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
@@ -284,18 +283,6 @@ def test_loads_by_model_type(tmp_path):
 # -- through the lmms-eval adapter --------------------------------------------------------
 
 
-def adapter_requests(ids):
-    def visuals(doc):
-        return doc["image"] if isinstance(doc["image"], list) else [doc["image"]]
-
-    gen = {"max_new_tokens": 3, "until": ["\n\n"]}
-    return [
-        Instance("generate_until", ("What is shown?", dict(gen), visuals, i, "demo", "test"), i,
-                 {"task": "demo", "doc_id": i, "repeats": 1})
-        for i in ids
-    ]
-
-
 @pytest.mark.parametrize("budget, per_crop", [("64", 64), ("32", 32), ("full", None)])
 def test_adapter_reports_units_times_budget(tmp_path, next_tiny, budget, per_crop):
     model, processor = next_tiny
@@ -305,7 +292,7 @@ def test_adapter_reports_units_times_budget(tmp_path, next_tiny, budget, per_cro
     lm = VisionZipLMM(model=(model, processor), budget=budget, output_dir=str(tmp_path), warmup=0, batch_size=2)
     lm.task_dict = {"demo": {"test": docs}}
     try:
-        results = lm.generate_until(adapter_requests([0, 1, 2]))
+        results = lm.generate_until(generate_requests([0, 1, 2], key="image", max_new_tokens=3))
     finally:
         lm.clean()
         lm.engine.close()

@@ -26,7 +26,7 @@ from visionzip_eval.backends.llava_onevision import LlavaOnevisionBackend
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import received_attention, visionzip_select
 from visionzip_eval.testing import build_tiny_llava_onevision, sample_images
-from helpers import hooks, llm_input_embeddings
+from helpers import generate_requests, hooks, llm_input_embeddings
 
 VIDEO = Path(__file__).resolve().parents[1] / "tasks/visionzip_smoke/data/videomme/data/vz_red_ball.mp4"
 
@@ -304,18 +304,6 @@ def test_loads_by_model_type(tmp_path):
 # -- through the lmms-eval adapter --------------------------------------------------------
 
 
-def adapter_requests(ids):
-    def visuals(doc):
-        return doc["visual"] if isinstance(doc["visual"], list) else [doc["visual"]]
-
-    gen = {"max_new_tokens": 3, "until": ["\n\n"]}
-    return [
-        Instance("generate_until", ("What is shown?", dict(gen), visuals, i, "demo", "test"), i,
-                 {"task": "demo", "doc_id": i, "repeats": 1})
-        for i in ids
-    ]
-
-
 @pytest.mark.parametrize("budget, per_unit", [("64", 64), ("full", None)])
 def test_adapter_reports_the_documented_counts(tmp_path, ov_tiny, budget, per_unit):
     model, processor = ov_tiny
@@ -327,7 +315,7 @@ def test_adapter_reports_the_documented_counts(tmp_path, ov_tiny, budget, per_un
                       batch_size=2, max_frames=4)
     lm.task_dict = {"demo": {"test": docs}}
     try:
-        results = lm.generate_until(adapter_requests([0, 1, 2, 3]))
+        results = lm.generate_until(generate_requests([0, 1, 2, 3], key="visual", max_new_tokens=3))
     finally:
         lm.clean()
         lm.engine.close()

@@ -12,11 +12,12 @@ import torch
 
 pytest.importorskip("llava.model.builder", reason="the llava package (pip install --no-deps llava-torch)")
 
-from lmms_eval.api.instance import Instance  # noqa: E402
 from llava.conversation import conv_templates  # noqa: E402
 from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 from transformers import CLIPVisionModel  # noqa: E402
+
+from helpers import generate_requests  # noqa: E402
 
 from visionzip_eval import NoReduction, VisionZip, applied_reducer, remove_reduction, visionzip  # noqa: E402
 from visionzip_eval.backends import backend_for, load_pretrained  # noqa: E402
@@ -170,7 +171,6 @@ def test_leaving_the_context_restores_identical_outputs(checkpoint):
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
-GEN = {"max_new_tokens": 4, "until": ["\n\n"]}
 
 
 def make_lm(checkpoint, tmp_path, **kwargs):
@@ -183,23 +183,11 @@ def make_lm(checkpoint, tmp_path, **kwargs):
     return lm
 
 
-def visuals(doc):
-    return doc["image"] if isinstance(doc["image"], list) else [doc["image"]]
-
-
-def requests(ids):
-    return [
-        Instance("generate_until", ("What is shown?", dict(GEN), visuals, i, "demo", "test"), i,
-                 {"task": "demo", "doc_id": i, "repeats": 1})
-        for i in ids
-    ]
-
-
 @pytest.mark.parametrize("budget, per_image", [("64", 64), ("full", 576)])
 def test_lmms_eval_adapter_smoke(checkpoint, tmp_path, budget, per_image):
     lm = make_lm(checkpoint, tmp_path, budget=budget, batch_size=2)
     try:
-        results = lm.generate_until(requests([0, 1, 2, 3]))
+        results = lm.generate_until(generate_requests([0, 1, 2, 3]))
     finally:
         lm.clean()
         lm.engine.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lmms_eval.api.instance import Instance
+from helpers import generate_requests
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.vision_utils import get_vision_window_index
 
@@ -300,19 +300,6 @@ def test_tiny_model_is_deterministic_by_seed():
 # -- lmms-eval adapter ------------------------------------------------------------------------
 
 
-def adapter_requests(ids):
-    gen = {"max_new_tokens": 3, "until": ["\n\n"]}
-
-    def visuals(doc):
-        return doc["visual"] if isinstance(doc["visual"], list) else [doc["visual"]]
-
-    return [
-        Instance("generate_until", ("What is shown?", dict(gen), visuals, i, "demo", "test"), i,
-                 {"task": "demo", "doc_id": i, "repeats": 1})
-        for i in ids
-    ]
-
-
 @pytest.mark.parametrize("budget, per_image", [("32", 32), ("64", 64), ("full", None)])
 def test_adapter_reports_the_documented_counts(tmp_path, qwen, budget, per_image):
     model, processor = qwen
@@ -323,7 +310,7 @@ def test_adapter_reports_the_documented_counts(tmp_path, qwen, budget, per_image
                       max_frames=2)
     lm.task_dict = {"demo": {"test": docs}}
     try:
-        results = lm.generate_until(adapter_requests([0, 1, 2, 3]))
+        results = lm.generate_until(generate_requests([0, 1, 2, 3], key="visual", max_new_tokens=3))
     finally:
         lm.clean()
         lm.engine.close()
