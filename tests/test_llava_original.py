@@ -171,8 +171,6 @@ def test_leaving_the_context_restores_identical_outputs(checkpoint):
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
-
-
 def make_lm(checkpoint, tmp_path, **kwargs):
     _, model, processor = checkpoint
     lm = VisionZipLMM(model=(model, processor), output_dir=str(tmp_path), warmup=1, **kwargs)

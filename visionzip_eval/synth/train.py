@@ -9,7 +9,7 @@ Two stages, as LLaVA itself is built (a pretrained CLIP, then the projector and 
      has to gather object evidence, and its attention concentrates on informative patches as
      in CLIP;
    - on every patch token at layer -2: which object, if any, covers it, so the patch
-     features the LLM reads carry colour, shape and place.
+     features the LLM reads carry colour and shape (not place: see below).
 2. **Projector + LLM** (the tower frozen): visual-instruction tuning on questions of all four
    benchmark formats, built by lmms-eval's own prompt functions. Every step draws fresh scenes
    (a fixed set of 4,000 was memorised: train accuracy 0.71, held-out ~0.55). A step runs the
@@ -232,7 +232,7 @@ def _train_docs(rng: np.random.Generator, n_scenes: int, hard_pairs: int = 0) ->
             present, decoy = Q.pick(rng, scene.objects), Q.pick(rng, decoys)
             docs += [("pope", {"question": Q.existence_question(present.color, present.shape), "answer": "yes"}),
                      ("pope", {"question": Q.existence_question(*decoy), "answer": "no"})]
-        category, yes, no = Q.mme_pair(scene, rng)
+        _, yes, no = Q.mme_pair(scene, rng)
         docs += [("mme", {"question": yes, "answer": "Yes"}), ("mme", {"question": no, "answer": "No"})]
         for _ in range(3):
             question, answer, *_ = Q.gqa_question(scene, rng)
