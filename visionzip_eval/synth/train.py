@@ -43,7 +43,17 @@ at chance (loss flat at 0.35; held-out 0.53): not the mixture but the 3 x 128 LL
 or its optimisation) holds position back. A curriculum does not unlock it either: on the same
 features, one object's absolute place ("Is the red circle on the left of the image?") rose
 slowly to 0.65 held-out after 600 steps of those questions alone, but relational questions
-added next stayed at 0.50 for 600 more steps while the absolute ones fell back to 0.49.
+added next stayed at 0.50 for 600 more steps while the absolute ones fell back to 0.49. Nor is
+it depth: the same model grown by a fourth LLM layer (identity at the start: zero output
+projections; inserted first or last) and fine-tuned on position questions alone stayed at
+chance too (loss 0.34-0.35, i.e. ln 2 / 2 per answer token; held-out GQA 0.51-0.53, MME
+0.48-0.49 after 600 steps). On MMBench questions alone the grown model learnt no faster than
+the three-layer one (held-out 0.44 before; 0.51 / 0.525 after 400 / 600 steps, against 0.535
+/ 0.525): the letter mapping is held back by its share of the training mixture, not by depth.
+A final rebalancing phase shows the same trade: 600 more steps of the shipped model (lr 3e-4,
+the usual mixture plus an MME count pair and two MMBench questions per scene) lifted MMBench
+(circular) from 10.0 to 20.0 on the full set but MME count only from 36 to 38 of 66, and cost
+GQA 5 of 240 questions; position stayed at chance (27 of 52).
 
 Also tried and dropped: MME's count pairs sit at chance (36 of 66) although the model counts
 (GQA "How many" 48 of 59). Fine-tuning on count questions alone lifts held-out MME count from
