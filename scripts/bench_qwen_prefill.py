@@ -46,7 +46,7 @@ def flash_attention_available() -> bool:
 def _build(attn_implementation: str, device: torch.device, image_pixels: int):
     checkpoint = os.environ.get("QWEN_VL_CHECKPOINT")
     if checkpoint:
-        from visionzip_eval.backends import load_pretrained
+        from visionzip_eval.loading import load_pretrained
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model, processor = load_pretrained(checkpoint, dtype, device, attn_implementation)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from visionzip_eval.backends import backend_for  # noqa: E402
 from visionzip_eval.budget import Budget  # noqa: E402
-from visionzip_eval.compressor import VisionZip  # noqa: E402
+from visionzip_eval.methods.visionzip import VisionZip  # noqa: E402
 from visionzip_eval.synth.benchmark import build_docs, decode, encode  # noqa: E402
 from visionzip_eval.synth.model import pixel_values  # noqa: E402
 from visionzip_eval.synth.scenes import GRID, PATCH, render  # noqa: E402

@@ -17,7 +17,8 @@ from visionzip_eval import (
     visionzip,
     visionzip_processor,
 )
-from visionzip_eval.backends import backend_for, load_pretrained
+from visionzip_eval.backends import backend_for
+from visionzip_eval.loading import load_pretrained
 from visionzip_eval.backends.llava_next import (
     LlavaNextBackend,
     anyres_layout,

@@ -21,7 +21,8 @@ from visionzip_eval import (
     visionzip,
     visionzip_processor,
 )
-from visionzip_eval.backends import backend_for, load_pretrained
+from visionzip_eval.backends import backend_for
+from visionzip_eval.loading import load_pretrained
 from visionzip_eval.backends.llava_onevision import LlavaOnevisionBackend
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import received_attention, visionzip_select

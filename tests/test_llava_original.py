@@ -20,7 +20,8 @@ from transformers import CLIPVisionModel  # noqa: E402
 from helpers import generate_requests  # noqa: E402
 
 from visionzip_eval import NoReduction, VisionZip, applied_reducer, remove_reduction, visionzip  # noqa: E402
-from visionzip_eval.backends import backend_for, load_pretrained  # noqa: E402
+from visionzip_eval.backends import backend_for  # noqa: E402
+from visionzip_eval.loading import load_pretrained  # noqa: E402
 from visionzip_eval.backends.llava_original import (  # noqa: E402
     IMAGE_TOKEN_INDEX,
     LlavaOriginalBackend,
@@ -231,7 +232,7 @@ def test_import_and_a_clear_error_without_llava(checkpoint):
     code = (
         "import sys; sys.modules['llava'] = None\n"
         "import torch, visionzip_eval\n"
-        "from visionzip_eval.backends import load_pretrained\n"
+        "from visionzip_eval.loading import load_pretrained\n"
         "try:\n"
         f"    load_pretrained({str(checkpoint[0])!r}, torch.float32, torch.device('cpu'))\n"
         "except ImportError as error:\n"

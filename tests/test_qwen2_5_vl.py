@@ -16,7 +16,8 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.vision_utils import get_vision_window_index
 
 from visionzip_eval import NoReduction, VisionZip, visionzip_processor
-from visionzip_eval.backends import backend_for, load_pretrained
+from visionzip_eval.backends import backend_for
+from visionzip_eval.loading import load_pretrained
 from visionzip_eval.backends.qwen2_5_vl import Qwen2_5_VLBackend
 from visionzip_eval.compressor import PoolTokens, RandomTokens
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM

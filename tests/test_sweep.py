@@ -88,7 +88,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_sweep_runs_once_loads_model_once_and_resumes(tmp_path, monkeypatch):
-    import visionzip_eval.backends as backends
+    import visionzip_eval.loading as backends
 
     loads = []
     real = backends.load_pretrained

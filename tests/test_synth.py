@@ -293,7 +293,7 @@ def trained():
 
 
 def test_shipped_model_loads_offline_with_the_real_architecture(trained):
-    from visionzip_eval.backends import load_pretrained
+    from visionzip_eval.loading import load_pretrained
     from visionzip_eval.synth.weights import SHIPPED_DIR
 
     model, processor = trained

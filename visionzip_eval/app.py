@@ -10,7 +10,8 @@ from PIL import Image
 
 from visionzip_eval.backends import backend_for
 from visionzip_eval.budget import Budget
-from visionzip_eval.compressor import VisionZip, tokens_per_image, visionzip_processor
+from visionzip_eval.apply import tokens_per_image, visionzip_processor
+from visionzip_eval.methods.visionzip import VisionZip
 
 BUDGET_CHOICES = ["full", "192", "128", "64", "32"]
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from visionzip_eval.backends import backend_for
-from visionzip_eval.compressor import VisionZip
+from visionzip_eval.methods.visionzip import VisionZip
 from visionzip_eval.testing import build_tiny_llava
 
 CLIP_L = dict(vision_hidden=1024, vision_layers=24, vision_heads=16)
@@ -116,7 +116,7 @@ def bench_prefill(
 ) -> list[dict]:
     """LLM prefill and time to first token per budget on a CPU proxy VLM (CLIP-L tower,
     8-layer 1024-wide Llama, random weights), beside the FLOPs-predicted prefill ratio."""
-    from visionzip_eval.compressor import make_reducer
+    from visionzip_eval.methods import get_method
     from visionzip_eval.engine import Engine, Generation, Request
     from visionzip_eval.testing import sample_images
 
@@ -126,7 +126,7 @@ def bench_prefill(
     settings = Generation(max_new_tokens=1)
     rows = []
     for budget in budgets:
-        engine.set_reducer(make_reducer(budget))
+        engine.set_reducer(get_method("visionzip", budget))
         samples = []
         for index in range(repeats + 1):  # the first run warms up
             progress(f"budget {budget}: run {index + 1}/{repeats + 1}")

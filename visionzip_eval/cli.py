@@ -40,8 +40,6 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from visionzip_eval.sweep import format_plan, load_config, plan, run_sweep
 
     config = load_config(args.config)
@@ -49,7 +47,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     runs = plan(config)
     if args.dry_run:
         if args.json:
-            print(json.dumps([dict(asdict(r), id=r.id) for r in runs], indent=2))
+            print(json.dumps([dict(r.identity(), id=r.id) for r in runs], indent=2))
         else:
             print(f"sweep {config.name}: {len(runs)} runs into {output_dir}/runs/")
             print(format_plan(runs))
@@ -109,7 +107,7 @@ def _load_model(name: str):
     """(model, processor) for visualize and app: fp16 on a GPU; the builtin tiny models on the CPU."""
     import torch
 
-    from visionzip_eval.backends import load_pretrained
+    from visionzip_eval.loading import load_pretrained
 
     gpu = torch.cuda.is_available() and not name.startswith("builtin:")
     return load_pretrained(name, torch.float16 if gpu else torch.float32, torch.device("cuda" if gpu else "cpu"))

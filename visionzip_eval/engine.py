@@ -20,13 +20,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_eval.backends import backend_for
-from visionzip_eval.compressor import (
-    NoReduction,
-    TokenReducer,
-    remove_reduction,
-    tokens_per_image,
-    visionzip_processor,
-)
+from visionzip_eval.apply import remove_reduction, tokens_per_image, visionzip_processor
+from visionzip_eval.methods.base import NoReduction, TokenReducer
 from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock, prefill_flops
 
 # Control characters no answer needs and XML cannot hold (lmms-eval's MMBench aggregation

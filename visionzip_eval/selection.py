@@ -91,8 +91,22 @@ def head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
     return keys.reshape(batch, tokens, num_heads, dim // num_heads).mean(dim=2)
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) rows at ``index`` (B, K) -> (B, K, D)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def grid_for(tokens: int, rows: int, cols: int) -> tuple[int, int]:
+    """The most nearly square (h, w) with h * w == tokens that fits a rows x cols grid."""
+    best = None
+    for h in range(1, int(tokens**0.5) + 1):
+        if tokens % h == 0:
+            for gh, gw in ((h, tokens // h), (tokens // h, h)):
+                if gh <= rows and gw <= cols and (best is None or abs(gh - gw) < abs(best[0] - best[1])):
+                    best = (gh, gw)
+    if best is None:
+        raise ValueError(f"{tokens} tokens cannot be pooled from a {rows}x{cols} patch grid")
+    return best
 
 
 def select_dominant(
@@ -192,13 +206,13 @@ def visionzip_select(
     scores = cls_attention.float().sum(dim=1)  # (B, N): attention scores summed over heads
     dominant_index, rest_index = select_dominant(scores, dominant, cls_token)
     contextual_tokens, target_pos, member_slot = merge_contextual(
-        _gather_rows(hidden, rest_index), _gather_rows(metric, rest_index), contextual, merge
+        gather_rows(hidden, rest_index), gather_rows(metric, rest_index), contextual, merge
     )
     slot = torch.empty(batch, tokens, dtype=torch.long, device=hidden.device)
     slot.scatter_(1, dominant_index, torch.arange(dominant, device=hidden.device).expand(batch, -1))
     slot.scatter_(1, rest_index, member_slot + dominant)
     return Selection(
-        tokens=torch.cat([_gather_rows(hidden, dominant_index), contextual_tokens], dim=1),
+        tokens=torch.cat([gather_rows(hidden, dominant_index), contextual_tokens], dim=1),
         dominant_index=dominant_index,
         contextual_index=rest_index[:, target_pos],
         slot=slot,

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from visionzip_eval.backends import backend_for
 from visionzip_eval.budget import Budget
-from visionzip_eval.compressor import VisionZip
+from visionzip_eval.methods.visionzip import VisionZip
 
 DOMINANT_OUTLINE = (255, 221, 0)  # yellow frame around kept patches
 TARGET_OUTLINE = (255, 255, 255)  # white frame around contextual targets

@@ -81,9 +81,24 @@ class VLMBackend(ABC):
     """
 
     name: ClassVar[str]
+    cls_token: ClassVar[bool] = True  # the tower's token 0 is a CLS token (CLIP); SigLIP has none
+    # -- loading (visionzip_eval.loading dispatches on these) ---------------------------------
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values this family loads
+    claim_order: ClassVar[int] = 0  # lower claims first (for configs another family would also claim)
+    builtin: ClassVar[dict[str, str]] = {}  # builtin:* name -> builder in visionzip_eval.testing
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @classmethod
+    def claims(cls, config: dict) -> bool:
+        """Whether this family loads a checkpoint with this raw config.json."""
+        return config.get("model_type") in cls.model_types
+
+    @classmethod
+    def load(cls, pretrained: str, dtype, device, attn_implementation: str | None):
+        """(model, processor) of a checkpoint this family claims."""
+        raise NotImplementedError(f"{cls.name} cannot load checkpoints")
 
     @classmethod
     @abstractmethod
@@ -130,6 +145,12 @@ class VLMBackend(ABC):
     @abstractmethod
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
         """Run the tower up to layer L and return its signals."""
+
+    def next_layer_projections(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The projected queries and keys (B, N, D) that the tower layer after layer L computes
+        from layer L's output ``hidden`` (LLaVA-PruMerge's signal); None where layer L is the
+        tower's last or the family does not expose its layers."""
+        return None
 
     @abstractmethod
     def full_features(self, signals: TowerSignals) -> torch.Tensor:

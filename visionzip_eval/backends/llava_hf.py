@@ -99,10 +99,29 @@ def capture_layer(
     )
 
 
+def next_layer_projections(layers, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``q_proj`` / ``k_proj`` outputs (bias included, unscaled) of CLIP encoder layer ``index + 1``
+    on the output of layer ``index``: what that layer's attention would compute from it."""
+    if index + 1 >= len(layers):
+        return None
+    layer = layers[index + 1]
+    normed = layer.layer_norm1(hidden)
+    return layer.self_attn.q_proj(normed), layer.self_attn.k_proj(normed)
+
+
 @register_backend
 class LlavaHFBackend(VLMBackend):
     name = "llava-hf (LlavaForConditionalGeneration, CLIP tower)"
     cls_token: ClassVar[bool] = True  # the tower's token 0 is a CLS token
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+    builtin: ClassVar[dict[str, str]] = {
+        "builtin:tiny-llava": "build_tiny_llava",
+        "builtin:tiny-llava-synth": "load_tiny_llava_synth",  # trained on the synthetic benchmark
+    }
+
+    @classmethod
+    def load(cls, pretrained, dtype, device, attn_implementation):
+        return load_pretrained(pretrained, dtype, device, attn_implementation)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -186,6 +205,9 @@ class LlavaHFBackend(VLMBackend):
         return capture_layer(
             self.core.vision_tower, self.layers[self.layer_index], pixel_values, attention, self.cls_token
         )
+
+    def next_layer_projections(self, hidden: torch.Tensor):
+        return next_layer_projections(self.layers, self.layer_index, hidden)
 
     def full_features(self, signals: TowerSignals) -> torch.Tensor:
         if self.config.vision_feature_select_strategy == "default":

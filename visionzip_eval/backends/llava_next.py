@@ -40,7 +40,7 @@ Patches on the padding around the image stay eligible (no unpadding), as in the 
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -118,6 +118,12 @@ def _placeholder_error(found: int, expected: int, what: str, unit: str, per_unit
 @register_backend
 class LlavaNextBackend(LlavaHFBackend):
     name = "llava-next (LlavaNextForConditionalGeneration, AnyRes, CLIP tower)"
+    model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
+    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-llava-next": "build_tiny_llava_next"}
+
+    @classmethod
+    def load(cls, pretrained, dtype, device, attn_implementation):
+        return load_pretrained(pretrained, dtype, device, attn_implementation)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -64,6 +64,12 @@ from visionzip_eval.selection import Selection
 @register_backend
 class LlavaOnevisionBackend(LlavaNextBackend):
     name = "llava-onevision (LlavaOnevisionForConditionalGeneration, SigLIP tower, images and videos)"
+    model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
+    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-llava-onevision": "build_tiny_llava_onevision"}
+
+    @classmethod
+    def load(cls, pretrained, dtype, device, attn_implementation):
+        return load_pretrained(pretrained, dtype, device, attn_implementation)
     cls_token: ClassVar[bool] = False  # SigLIP: every token is a patch
 
     @classmethod

@@ -25,14 +25,14 @@ Facts this module relies on (llava-torch 1.2.2.post1):
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, register_backend
-from visionzip_eval.backends.llava_hf import capture_layer, feature_layer_index
+from visionzip_eval.backends.llava_hf import capture_layer, feature_layer_index, next_layer_projections
 from visionzip_eval.profiling import vit_flops
 from visionzip_eval.selection import Selection
 
@@ -124,6 +124,17 @@ def _llava_causal_lm():
 @register_backend
 class LlavaOriginalBackend(VLMBackend):
     name = "original LLaVA (llava package, LlavaLlamaForCausalLM, CLIP tower)"
+    model_types: ClassVar[tuple[str, ...]] = ("llava_llama", "llava_mistral", "llava_mpt")
+    claim_order: ClassVar[int] = -1  # before llava-hf: some original checkpoints say model_type "llava"
+    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-llava-original": "build_tiny_llava_original"}
+
+    @classmethod
+    def claims(cls, config: dict) -> bool:
+        return is_original_llava_config(config)
+
+    @classmethod
+    def load(cls, pretrained, dtype, device, attn_implementation):
+        return load_pretrained(pretrained, dtype, device, attn_implementation)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -262,6 +273,9 @@ class LlavaOriginalBackend(VLMBackend):
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
         pixel_values = pixel_values.to(device=self.tower.device, dtype=self.tower.dtype)
         return capture_layer(self.tower, self.layers[self.layer_index], pixel_values, attention, cls_token=True)
+
+    def next_layer_projections(self, hidden: torch.Tensor):
+        return next_layer_projections(self.layers, self.layer_index, hidden)
 
     def full_features(self, signals: TowerSignals) -> torch.Tensor:
         return signals.hidden[:, 1:] if self.wrapper.select_feature == "patch" else signals.hidden

@@ -59,7 +59,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.vision_utils import get_vision_window_index
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, chat_messages, register_backend
-from visionzip_eval.selection import Selection, received_attention
+from visionzip_eval.selection import Selection, grid_for, received_attention
 
 NOMINAL_GRID = (1, 32, 32)  # 448 x 448 px, for vision_flops
 
@@ -95,6 +95,12 @@ def _core(model: nn.Module) -> nn.Module:
 @register_backend
 class Qwen2_5_VLBackend(VLMBackend):
     name = "qwen2.5-vl (Qwen2_5_VLForConditionalGeneration, window-attention ViT + 2x2 merger, images)"
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
+    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-qwen2.5-vl": "build_tiny_qwen2_5_vl"}
+
+    @classmethod
+    def load(cls, pretrained, dtype, device, attn_implementation):
+        return load_pretrained(pretrained, dtype, device, attn_implementation)
     cls_token: ClassVar[bool] = False
 
     @classmethod
@@ -310,9 +316,7 @@ class Qwen2_5_VLBackend(VLMBackend):
             if rows == merged:
                 return torch.arange(merged, device=device)
             # pooled cells: the merged cell at each pooling cell's centre
-            from visionzip_eval.compressor import _grid_for
-
-            gh, gw = _grid_for(rows, *self._grid)
+            gh, gw = grid_for(rows, *self._grid)
             r = ((torch.arange(gh, device=device) + 0.5) * self._grid[0] / gh).long()
             c = ((torch.arange(gw, device=device) + 0.5) * self._grid[1] / gw).long()
             return (r[:, None] * self._grid[1] + c[None, :]).flatten()

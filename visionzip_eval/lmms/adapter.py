@@ -6,8 +6,9 @@ every request measured.
         --tasks gqa,mme,pope,mmbench_en_dev_static --output_path OUT --log_samples
 
 model_args: ``pretrained``; ``budget`` (full, 64, 128, 192, any total, or "54+10") or
-``dominant`` + ``contextual``; ``method`` (visionzip, random, pool); ``merge`` (reference,
-average); ``device``; ``dtype`` (auto, float16, bfloat16, float32); ``attn_implementation``;
+``dominant`` + ``contextual``; ``method`` (any registered method: ``visionzip-eval methods``)
+and that method's own options (``method=vispruner,important_ratio=0.3``; VisionZip's ``merge``:
+reference, average); ``device``; ``dtype`` (auto, float16, bfloat16, float32); ``attn_implementation``;
 ``batch_size``; ``seed``; ``max_frames`` (frames sampled per video); ``max_new_tokens``
 (when a task sets none); ``warmup`` (first requests flagged and left out of aggregates);
 ``output_dir`` (where ``efficiency.jsonl`` goes; default: lmms-eval's ``--output_path``).
@@ -26,9 +27,9 @@ from tqdm import tqdm
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from visionzip_eval.backends import load_pretrained
 from visionzip_eval.budget import Budget
-from visionzip_eval.compressor import METHODS, make_reducer
+from visionzip_eval.loading import load_pretrained
+from visionzip_eval.methods.registry import MethodSpec
 from visionzip_eval.engine import Engine, Generation, Request
 from visionzip_eval.lmms.efficiency import EfficiencyLog
 from visionzip_eval.media import MediaError, load_visual_groups, load_visuals
@@ -63,10 +64,26 @@ def resolve_budget(budget, dominant, contextual) -> Budget:
     if dominant is not None or contextual is not None:
         if dominant is None or contextual is None:
             raise ValueError("give both dominant and contextual, or a budget")
-        if budget not in (None, "full"):
+        if budget not in (None, "full") and not (isinstance(budget, Budget) and budget.is_full):
             raise ValueError("give either budget or dominant + contextual, not both")
         return Budget(int(dominant), int(contextual))
     return Budget.parse(budget)
+
+
+ADAPTER_ARGS = (
+    "pretrained", "budget", "dominant", "contextual", "method", "device", "dtype", "attn_implementation",
+    "batch_size", "seed", "max_frames", "max_new_tokens", "warmup", "output_dir",
+)
+
+
+def resolve_method(method: str | MethodSpec, options: dict) -> MethodSpec:
+    """The method and its options (model_args the adapter does not take itself), validated."""
+    try:
+        return MethodSpec.parse(method, **options)
+    except ValueError as error:
+        if options and "has no option" in str(error):
+            raise ValueError(f"{error}; the adapter's own model_args are {', '.join(ADAPTER_ARGS)}") from None
+        raise
 
 
 class VisionZipLMM(lmms):
@@ -75,11 +92,10 @@ class VisionZipLMM(lmms):
     def __init__(
         self,
         pretrained: str = "llava-hf/llava-1.5-7b-hf",
-        budget: str | int = "full",
+        budget: str | int | Budget = "full",
         dominant: int | None = None,
         contextual: int | None = None,
-        method: str = "visionzip",
-        merge: str = "reference",
+        method: str | MethodSpec = "visionzip",
         device: str | None = None,
         dtype: str = "auto",
         attn_implementation: str | None = None,
@@ -91,19 +107,11 @@ class VisionZipLMM(lmms):
         output_dir: str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed here
         model: Any = None,  # an already loaded (model, processor): the sweep runner's path
-        **unknown,
+        **method_options,
     ) -> None:
         super().__init__()
-        if unknown:
-            raise ValueError(
-                f"unknown model_args {', '.join(sorted(unknown))}: accepted are pretrained, budget, "
-                "dominant, contextual, method, merge, device, dtype, attn_implementation, batch_size, "
-                "seed, max_frames, max_new_tokens, warmup, output_dir"
-            )
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        self.method = resolve_method(method, method_options)
         self.budget = resolve_budget(budget, dominant, contextual)
-        self.method = method
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
@@ -119,7 +127,7 @@ class VisionZipLMM(lmms):
         else:
             loaded, processor = model
             self.dtype = next(loaded.parameters()).dtype
-        reducer = make_reducer(self.budget, method=method, seed=int(seed), merge=merge)
+        reducer = self.method.build(self.budget, seed=int(seed))
         self.engine = Engine(loaded, processor, reducer, self._device)
         self.attn_implementation = getattr(loaded.config, "_attn_implementation", None)
         self.efficiency = EfficiencyLog(
@@ -127,7 +135,7 @@ class VisionZipLMM(lmms):
             warmup=int(warmup),
             static=dict(
                 model=self.pretrained,
-                method="none" if self.budget.is_full else method,  # as the sweep names full runs
+                method="none" if self.budget.is_full else self.method.label,  # as the sweep names runs
                 budget=self.budget.label,
                 dominant=self.budget.dominant,
                 contextual=self.budget.contextual,
@@ -138,7 +146,7 @@ class VisionZipLMM(lmms):
             ),
         )
         logger.info(
-            f"visionzip: {self.pretrained} method={method} budget={self.budget.label} "
+            f"visionzip: {self.pretrained} method={self.method.label} budget={self.budget.label} "
             f"({self.engine.tokens_per_image} visual tokens per image) on {self._device}"
         )
 

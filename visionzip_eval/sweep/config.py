@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from visionzip_eval.budget import Budget
-from visionzip_eval.compressor import METHODS
+from visionzip_eval.methods.registry import MethodSpec
 
 
 class ConfigError(ValueError):
@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
 class ModelSpec(_Strict):
@@ -67,8 +67,11 @@ class ExecutorSpec(_Strict):
 class SweepConfig(_Strict):
     name: str
     models: list[ModelSpec]
-    methods: list[str] = Field(default_factory=lambda: ["visionzip"])
-    budgets: list[str | int] = Field(default_factory=lambda: ["full", 192, 128, 64])
+    methods: list[MethodSpec] = Field(
+        default_factory=lambda: [MethodSpec("visionzip")],
+        description="method names, or mappings {name: vispruner, important_ratio: 0.3} with options",
+    )
+    budgets: list[Budget] = Field(default_factory=lambda: [Budget.parse(b) for b in ("full", 192, 128, 64)])
     tasks: list[str]
     include_path: str | None = Field(None, description="folder of extra lmms-eval task YAMLs")
     limit: int | None = None
@@ -77,20 +80,16 @@ class SweepConfig(_Strict):
     lmms_eval: LmmsEvalOptions = Field(default_factory=LmmsEvalOptions)
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
 
-    @field_validator("methods")
+    # Parsed once here into typed values; everything downstream passes them as they are.
+    @field_validator("methods", mode="before")
     @classmethod
-    def _methods(cls, value: list[str]) -> list[str]:
-        for method in value:
-            if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-        return value
+    def _methods(cls, value) -> list[MethodSpec]:
+        return [MethodSpec.parse(method) for method in _as_list(value)]
 
-    @field_validator("budgets")
+    @field_validator("budgets", mode="before")
     @classmethod
-    def _budgets(cls, value: list) -> list:
-        for budget in value:
-            Budget.parse(budget)
-        return value
+    def _budgets(cls, value) -> list[Budget]:
+        return [Budget.parse(budget) for budget in _as_list(value)]
 
     @field_validator("models", "tasks", "seeds", "methods", "budgets")
     @classmethod
@@ -98,6 +97,12 @@ class SweepConfig(_Strict):
         if not value:
             raise ValueError("must list at least one entry")
         return value
+
+
+def _as_list(value) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list, got {value!r}")
+    return list(value)
 
 
 def _location(error: dict) -> str:

@@ -130,8 +130,9 @@ def accelerate_command(config: SweepConfig, run: Run, work: Path) -> list[str]:
     spec = model_spec(config, run.model)
     args = {
         "pretrained": spec.pretrained,
-        "budget": run.budget,
-        "method": "visionzip" if run.method == "none" else run.method,
+        "budget": run.budget.label,
+        "method": run.method.name,
+        **dict(run.method.options),
         "dtype": spec.dtype,
         "seed": run.seed,
         "output_dir": str(work),

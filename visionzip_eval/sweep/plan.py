@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from visionzip_eval.budget import Budget
+from visionzip_eval.methods.registry import NONE, MethodSpec
 from visionzip_eval.sweep.config import ModelSpec, SweepConfig
 
 
 @dataclass(frozen=True)
 class Run:
-    """One (model, method, budget, task, limit, seed): one lmms-eval evaluation."""
+    """One (model, method, budget, task, limit, seed): one lmms-eval evaluation. Method and
+    budget are typed; their labels name the run (``method`` carries non-default options:
+    ``vispruner,important_ratio=0.3``)."""
 
     model: str
-    method: str
-    budget: str
+    method: MethodSpec
+    budget: Budget
     task: str
     limit: int | None
     seed: int
@@ -22,10 +25,15 @@ class Run:
     @property
     def id(self) -> str:
         limit = "all" if self.limit is None else str(self.limit)
-        return f"{self.model}__{self.method}__{self.budget}__{self.task}__limit-{limit}__seed-{self.seed}"
+        return f"{self.model}__{self.method.label}__{self.budget.label}__{self.task}__limit-{limit}__seed-{self.seed}"
 
     def identity(self) -> dict:
-        return asdict(self)
+        """The identity as plain values (run.json, config.yaml, --dry-run --json)."""
+        return dict(model=self.model, method=self.method.label, budget=self.budget.label, task=self.task,
+                    limit=self.limit, seed=self.seed)
+
+    def method_options(self) -> dict:
+        return dict(self.method.options)
 
 
 def plan(config: SweepConfig) -> list[Run]:
@@ -36,11 +44,10 @@ def plan(config: SweepConfig) -> list[Run]:
     for model in config.models:
         for seed in config.seeds:
             for budget in config.budgets:
-                label = Budget.parse(budget).label
                 for method in config.methods:
-                    method = "none" if label == "full" else method
+                    method = MethodSpec(NONE) if budget.is_full else method
                     for task in config.tasks:
-                        run = Run(model.name, method, label, task, config.limit, seed)
+                        run = Run(model.name, method, budget, task, config.limit, seed)
                         if run not in seen:
                             seen.add(run)
                             runs.append(run)
@@ -58,7 +65,7 @@ def format_plan(runs: list[Run]) -> str:
     lines = ["| # | model | method | budget | task | limit | seed | folder |", "|" + "---|" * 8]
     for index, run in enumerate(runs, 1):
         lines.append(
-            f"| {index} | {run.model} | {run.method} | {run.budget} | {run.task} "
+            f"| {index} | {run.model} | {run.method.label} | {run.budget.label} | {run.task} "
             f"| {run.limit if run.limit is not None else 'all'} | {run.seed} | runs/{run.id} |"
         )
     return "\n".join(lines)

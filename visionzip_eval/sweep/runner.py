@@ -91,7 +91,7 @@ class ModelCache:
         if self._name != spec.name:
             import torch
 
-            from visionzip_eval.backends import load_pretrained
+            from visionzip_eval.loading import load_pretrained
             from visionzip_eval.lmms.adapter import resolve_dtype
 
             self._loaded = None  # free the previous model first
@@ -128,7 +128,7 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
         model=cache.get(spec),
         pretrained=spec.pretrained,
         budget=run.budget,
-        method="visionzip" if run.method == "none" else run.method,
+        method=run.method,
         device=cache.device,
         seed=run.seed,
         batch_size=options.batch_size,

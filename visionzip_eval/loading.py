@@ -1,0 +1,59 @@
+"""``pretrained=`` strings to (model, processor): hub ids, local folders, ``builtin:*``.
+
+Each backend declares what it loads (``VLMBackend.model_types`` / ``claims``, ``load``) and its
+tiny offline models (``VLMBackend.builtin``: name -> builder in ``visionzip_eval.testing``);
+this module only dispatches, so the backends import nothing above themselves.
+"""
+
+from __future__ import annotations
+
+from visionzip_eval.backends import BACKENDS, VLMBackend
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_models() -> dict[str, tuple[type[VLMBackend], str]]:
+    """``builtin:*`` name -> (backend, builder name in ``visionzip_eval.testing``)."""
+    return {name: (cls, builder) for cls in BACKENDS for name, builder in cls.builtin.items()}
+
+
+def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | None = None):
+    """Load a supported checkpoint: (model, processor) on ``device`` in ``dtype``.
+
+    ``builtin:tiny-llava`` (``-next``, ``-onevision``, ``-original``, ``builtin:tiny-qwen2.5-vl``)
+    builds a tiny random-weight model in memory (offline, seed 0); ``builtin:tiny-llava-synth``
+    loads the tiny LLaVA trained on the synthetic benchmark, whose weights ship in the package.
+    Anything else is a hub id or a folder, dispatched on its config.
+    """
+    pretrained = str(pretrained)
+    if pretrained.startswith(BUILTIN_PREFIX):
+        builtins = builtin_models()
+        if pretrained not in builtins:
+            raise ValueError(f"unknown builtin model {pretrained!r}: choose one of {', '.join(sorted(builtins))}")
+        from visionzip_eval import testing
+
+        build = getattr(testing, builtins[pretrained][1])
+        model, processor = build(attn_implementation=attn_implementation or "sdpa")
+        return model.to(device=device, dtype=dtype), processor
+    backend = backend_for_checkpoint(pretrained)
+    return backend.load(pretrained, dtype, device, attn_implementation)
+
+
+def backend_for_checkpoint(pretrained: str) -> type[VLMBackend]:
+    """The backend whose ``claims`` accepts the checkpoint's raw config.json."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(pretrained)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot load the config of {pretrained!r}: give a local checkpoint folder or a hub id "
+            f"reachable from this machine ({type(error).__name__})"
+        ) from error
+    for cls in sorted(BACKENDS, key=lambda c: c.claim_order):
+        if cls.claims(config):
+            return cls
+    supported = sorted({t for cls in BACKENDS for t in cls.model_types})
+    raise ValueError(
+        f"{pretrained!r} is a {config.get('model_type')!r} model; supported model types: {', '.join(supported)}"
+    )

@@ -1,0 +1,64 @@
+"""DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
+Models", CVPR 2025; official code vbdi/divprune, line numbers at commit 799e2d9 of
+``LLaVA/llava/model/llava_arch.py``).
+
+The official rule on LLaVA-1.5, per image, before the LLM:
+- the features are the post-projector image tokens read back from the input embeddings
+  (``llava_arch.py:374``; CLS is never among them, ``clip_encoder.py:80-81``);
+- distance ``1 - cosine`` of the row-normalised features (``:147-150``, ``:155``);
+- a max-min diversity greedy: the first token is the one farthest from its nearest other token
+  (second-smallest value of each column, ``topk(D, 2, dim=0, largest=False).values[1]``,
+  ``:160``, ``:165``, ``:169``); each next one maximises its distance to the chosen set
+  (column-wise min over the chosen rows, ``:162``, ``:167``, ``torch.argmax``: first index on
+  ties, ``:169``); chosen tokens are not masked out (a duplicate can be picked again);
+- ``int(round(ratio * 576))`` tokens (``:153``): budgets 64/128/192 are ratios 64/576, ...;
+- kept tokens reach the LLM in positional order (``keep_indexs.sort()``, ``:377-381``).
+
+Here: the same rule, batched over images and on every family (it needs no attention and no
+CLS token); the projector runs on all patches for the distances (as the official code does)
+and again on the kept ones (it acts per token, so the rows are the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from visionzip_eval.backends.base import TowerSignals, VLMBackend
+from visionzip_eval.methods.base import FixedCountReducer
+from visionzip_eval.methods.registry import register_method
+from visionzip_eval.selection import Selection, gather_rows
+
+
+def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, tokens) positions chosen by the max-min diversity greedy, ascending (with repeats
+    where the official loop picks a token twice). ``features``: (B, P, D)."""
+    unit = F.normalize(features.float(), dim=-1)
+    distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, P, P)
+    nearest_other = distance.topk(2, dim=1, largest=False).values[:, 1]  # per column
+    chosen = [nearest_other.argmax(dim=1)]
+    to_chosen = distance.gather(1, chosen[0].view(-1, 1, 1).expand(-1, 1, distance.shape[2])).squeeze(1)
+    for _ in range(1, tokens):
+        pick = to_chosen.argmax(dim=1)
+        chosen.append(pick)
+        row = distance.gather(1, pick.view(-1, 1, 1).expand(-1, 1, distance.shape[2])).squeeze(1)
+        to_chosen = torch.minimum(to_chosen, row)
+    return torch.stack(chosen, dim=1).sort(dim=1).values
+
+
+@register_method(
+    "divprune",
+    display="DivPrune",
+    paper="CVPR 2025 (arXiv 2503.02175)",
+    code="github.com/vbdi/divprune",
+)
+@dataclass
+class DivPrune(FixedCountReducer):
+    """The max-min diverse subset of the projected visual tokens (cosine distance); no merge."""
+
+    def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
+        patches = backend.patch_features(signals)
+        index = divprune_select(backend.project(patches), self.tokens)
+        return Selection(tokens=gather_rows(patches, index), dominant_index=index + backend.patch_offset)
