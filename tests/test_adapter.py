@@ -117,8 +117,11 @@ def test_multi_round_answers_equal_a_fresh_encode(tmp_path):
 
 
 def test_bad_model_args_are_refused():
-    with pytest.raises(ValueError, match="unknown model_args budgett"):
+    with pytest.raises(ValueError, match="method 'visionzip' has no option budgett: its options are merge .*"
+                       "the adapter's own model_args are pretrained, budget"):
         VisionZipLMM(model=build_tiny_llava(), budgett=64)
+    with pytest.raises(ValueError, match="method 'vispruner' has no option merge: its options are important_ratio"):
+        VisionZipLMM(model=build_tiny_llava(), method="vispruner", merge="average")
     with pytest.raises(ValueError, match="unknown method 'fastv'"):
         VisionZipLMM(model=build_tiny_llava(), method="fastv")
     with pytest.raises(ValueError, match="contextual must be >= 1"):

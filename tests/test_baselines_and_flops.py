@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from visionzip_eval import NoReduction, PoolTokens, RandomTokens, VisionZip, make_reducer
+from visionzip_eval import MethodSpec, NoReduction, PoolTokens, RandomTokens, VisionZip
 from visionzip_eval.backends import backend_for
 from visionzip_eval.profiling import DecoderShape, decode_step_flops, prefill_flops, vit_flops
 
@@ -12,7 +12,7 @@ from visionzip_eval.profiling import DecoderShape, decode_step_flops, prefill_fl
 @pytest.mark.parametrize("budget", [64, 128, 192, "50+14", 32])
 @pytest.mark.parametrize("method", ["visionzip", "random", "pool"])
 def test_every_method_passes_the_budget_total(tiny, pixel_values, method, budget):
-    reducer = make_reducer(budget, method=method, seed=1)
+    reducer = MethodSpec.parse(method).build(budget, seed=1)
     with torch.no_grad():
         tokens = reducer.encode_images(tiny[0], pixel_values[:2])
     total = VisionZip.from_budget(budget).dominant + VisionZip.from_budget(budget).contextual
@@ -21,9 +21,9 @@ def test_every_method_passes_the_budget_total(tiny, pixel_values, method, budget
 
 def test_full_is_no_reduction_for_every_method():
     for method in ("visionzip", "random", "pool"):
-        assert make_reducer("full", method=method) == NoReduction()
+        assert MethodSpec.parse(method).build("full") == NoReduction()
     with pytest.raises(ValueError, match="unknown method 'fastv'"):
-        make_reducer(64, method="fastv")
+        MethodSpec.parse("fastv")
 
 
 def test_pool_averages_grid_blocks(tiny, pixel_values):

@@ -335,10 +335,10 @@ def test_adapter_multi_round_reuses_anyres_tokens(tmp_path, next_tiny):
 
 @pytest.mark.parametrize("method", ["random", "pool"])
 def test_baselines_pass_the_same_count_per_crop(next_tiny, method):
-    from visionzip_eval import make_reducer
+    from visionzip_eval import MethodSpec
 
     model, processor = next_tiny
     inputs = processor.image_processor([images_of_every_grid()["chelsea"][0]], return_tensors="pt")
-    with make_reducer(64, method=method)(model), torch.no_grad():
+    with MethodSpec.parse(method).build(64)(model), torch.no_grad():
         features = model.model.get_image_features(**inputs).pooler_output
     assert features[0].shape == (3 * 64, model.config.text_config.hidden_size)

@@ -366,12 +366,12 @@ def test_adapter_multi_round_reuses_video_tokens(tmp_path, ov_tiny):
 
 @pytest.mark.parametrize("method", ["random", "pool"])
 def test_baselines_pass_the_same_counts(ov_tiny, method):
-    from visionzip_eval import make_reducer
+    from visionzip_eval import MethodSpec
 
     model, processor = ov_tiny
     inputs = processor.image_processor([[sample_images()["chelsea"]]], return_tensors="pt")
     videos = processor.video_processor([frames(2)], return_tensors="pt")["pixel_values_videos"]
-    with make_reducer(64, method=method)(model), torch.no_grad():
+    with MethodSpec.parse(method).build(64)(model), torch.no_grad():
         image = model.model.get_image_features(**inputs).pooler_output
         video = model.model.get_video_features(pixel_values_videos=videos).pooler_output
     assert image[0].shape[0] == 3 * 64 and video.shape[:2] == (1, 2 * 64)

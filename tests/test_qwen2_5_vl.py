@@ -19,7 +19,7 @@ from visionzip_eval import NoReduction, VisionZip, visionzip_processor
 from visionzip_eval.backends import backend_for
 from visionzip_eval.loading import load_pretrained
 from visionzip_eval.backends.qwen2_5_vl import Qwen2_5_VLBackend
-from visionzip_eval.compressor import PoolTokens, RandomTokens
+from visionzip_eval import PoolTokens, RandomTokens
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.media import load_visuals
 from visionzip_eval.selection import visionzip_select

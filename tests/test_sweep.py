@@ -194,9 +194,33 @@ def test_accelerate_command(tmp_path):
     run = plan(config)[1]
     command = accelerate_command(config, run, tmp_path / "w")
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and command[4] == "4"
-    assert "pretrained=builtin:tiny-llava,budget=full,method=visionzip" in command[command.index("--model_args") + 1]
+    assert "pretrained=builtin:tiny-llava,budget=full,method=none" in command[command.index("--model_args") + 1]
     assert command[command.index("--tasks") + 1] == run.task and "--log_samples" in command
     assert command[command.index("--include_path") + 1] == str(REPO / "tasks")
+
+
+def test_method_options_travel_typed_from_config_to_run_folder_and_adapter(tmp_path):
+    from visionzip_eval.lmms.adapter import VisionZipLMM
+    from visionzip_eval.testing import build_tiny_llava
+
+    methods = ["visionzip", {"name": "vispruner", "important_ratio": 0.25}, {"name": "vispruner"}]
+    config = load_config(write_config(tmp_path, methods=methods, budgets=["full", 64], executor={"accelerate": True}))
+    runs = plan(config)
+    assert [r.id.split("__")[1] for r in runs] == ["none", "visionzip", "vispruner,important_ratio=0.25", "vispruner"]
+    tuned = runs[2]
+    assert tuned.method.options == (("important_ratio", 0.25),) and tuned.budget.total == 64
+    assert tuned.identity()["method"] == "vispruner,important_ratio=0.25"
+    args = accelerate_command(config, tuned, tmp_path / "w")
+    model_args = args[args.index("--model_args") + 1]
+    assert "method=vispruner,important_ratio=0.25" in model_args
+    parsed = dict(pair.split("=", 1) for pair in model_args.split(","))  # as lmms-eval splits model_args
+    lm = VisionZipLMM(model=build_tiny_llava(), **{k: parsed[k] for k in ("budget", "method", "important_ratio")})
+    try:
+        assert lm.method == tuned.method and lm.engine.tokens_per_image == 64
+    finally:
+        lm.engine.close()
+    with pytest.raises(ConfigError, match="method 'vispruner' has no option ratio"):
+        load_config(write_config(tmp_path, methods=[{"name": "vispruner", "ratio": 0.2}]))
 
 
 @pytest.mark.slow

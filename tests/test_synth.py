@@ -309,7 +309,7 @@ def test_shipped_model_loads_offline_with_the_real_architecture(trained):
 
 def test_app_answers_at_each_budget_and_restores_the_processor(trained):
     from visionzip_eval.app import ask
-    from visionzip_eval.compressor import applied_reducer
+    from visionzip_eval.apply import applied_reducer
 
     model, processor = trained
     image = render(scenes(1, seed=11)[0])[0]

@@ -39,6 +39,23 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from visionzip_eval.methods import list_methods
+
+    methods = [info.as_dict() for info in list_methods(args.kind)]
+    if args.json:
+        print(json.dumps(methods, indent=2))
+        return 0
+    lines = ["| method | kind | options (default) | what it keeps | paper, code |", "|---|---|---|---|---|"]
+    for m in methods:
+        options = ", ".join(f"`{o['name']}`: {o['type']} ({o['default']!r})" for o in m["options"]) or "-"
+        source = ", ".join(part for part in (m["paper"], m["code"]) if part) or "-"
+        lines.append(f"| `{m['name']}` | {m['kind']} | {options} | {m['description']} | {source} |")
+    print("\n".join(lines))
+    print("\nuse: model_args method=NAME,OPTION=VALUE (lmms-eval); methods: [NAME, {name: NAME, OPTION: VALUE}] (sweep)")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from visionzip_eval.sweep import format_plan, load_config, plan, run_sweep
 
@@ -194,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (7860)")
     p.set_defaults(func=_cmd_app)
+
+    p = sub.add_parser(
+        "methods",
+        help="list the registered token-reduction methods, their kind and options",
+        description="Prints every registered method (visionzip_eval/methods/): its kind (pre-llm: before the "
+        "LLM, text-agnostic; in-llm: inside the LLM), its options with types and defaults, and its paper and "
+        "official code.",
+    )
+    p.add_argument("--kind", choices=["pre-llm", "in-llm"], help="only methods of this kind")
+    p.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
+    p.set_defaults(func=_cmd_methods)
 
     p = sub.add_parser(
         "sweep",

@@ -91,6 +91,11 @@ def head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
     return keys.reshape(batch, tokens, num_heads, dim // num_heads).mean(dim=2)
 
 
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """Scores and similarities run in float32, or float64 where the input is (exact tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, N, D) rows at ``index`` (B, K) -> (B, K, D)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from visionzip_eval.backends.base import TowerSignals, VLMBackend
 from visionzip_eval.methods.base import FixedCountReducer
 from visionzip_eval.methods.registry import register_method
-from visionzip_eval.selection import Selection, gather_rows
+from visionzip_eval.selection import Selection, gather_rows, work_dtype
 
 
 def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
     """(B, tokens) positions chosen by the max-min diversity greedy, ascending (with repeats
     where the official loop picks a token twice). ``features``: (B, P, D)."""
-    unit = F.normalize(features.float(), dim=-1)
+    unit = F.normalize(features.to(work_dtype(features)), dim=-1)
     distance = 1.0 - unit @ unit.transpose(1, 2)  # (B, P, P)
     nearest_other = distance.topk(2, dim=1, largest=False).values[:, 1]  # per column
     chosen = [nearest_other.argmax(dim=1)]

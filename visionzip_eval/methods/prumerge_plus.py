@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from visionzip_eval.backends.base import TowerSignals, VLMBackend
 from visionzip_eval.methods.base import FixedCountReducer, check_patch_budget, require_cls_token
 from visionzip_eval.methods.registry import register_method
-from visionzip_eval.selection import Selection, gather_rows
+from visionzip_eval.selection import Selection, gather_rows, work_dtype
 
 NEIGHBOURS = 32  # cl:268
 IQR_FACTOR = 1.5  # cl:42
@@ -48,16 +48,17 @@ OUTLIER_SHARE = 0.25  # outliers : samples = 1 : 3 at a fixed budget
 
 def full_width_cls_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(B, N) ``softmax(q_cls k^T / sqrt(D))`` over the full width, float32 (cl:198-201)."""
-    q = queries[:, 0].float()
-    logits = torch.einsum("bd,bnd->bn", q, keys.float()) * keys.shape[-1] ** -0.5
+    dtype = work_dtype(keys)
+    logits = torch.einsum("bd,bnd->bn", queries[:, 0].to(dtype), keys.to(dtype)) * keys.shape[-1] ** -0.5
     return logits.softmax(dim=-1)
 
 
 def iqr_outliers(patch_attention: torch.Tensor) -> torch.Tensor:
     """(B,) how many patch attentions lie strictly above Q3 + 1.5 IQR (cl:34-47)."""
-    q1 = torch.quantile(patch_attention.float(), 0.25, dim=1, keepdim=True)
-    q3 = torch.quantile(patch_attention.float(), 0.75, dim=1, keepdim=True)
-    return (patch_attention.float() > q3 + IQR_FACTOR * (q3 - q1)).sum(dim=1)
+    values = patch_attention.float()  # the official quartiles are numpy float32 (cl:34-47)
+    q1 = torch.quantile(values, 0.25, dim=1, keepdim=True)
+    q3 = torch.quantile(values, 0.75, dim=1, keepdim=True)
+    return (values > q3 + IQR_FACTOR * (q3 - q1)).sum(dim=1)
 
 
 def adaptive_count(patch_attention: torch.Tensor) -> list[int]:
@@ -71,7 +72,7 @@ def adaptive_count(patch_attention: torch.Tensor) -> list[int]:
         if stride == 0:
             counts.append(0)
             continue
-        outliers = set(row.float().argsort(descending=True, stable=True)[:c].tolist())
+        outliers = set(row.argsort(descending=True, stable=True)[:c].tolist())
         samples = sum(1 for x in range(0, patches - 1, stride) if x not in outliers)
         counts.append(c + samples + 1)
     return counts
@@ -83,7 +84,7 @@ def fixed_kept_positions(patch_attention: torch.Tensor, tokens: int) -> torch.Te
     batch, patches = patch_attention.shape
     kept = tokens - 1
     outliers = min(kept, max(1, math.floor(kept * OUTLIER_SHARE + 0.5)))
-    order = patch_attention.float().argsort(dim=1, descending=True, stable=True)
+    order = patch_attention.argsort(dim=1, descending=True, stable=True)
     top = order[:, :outliers]
     remaining = order[:, outliers:].sort(dim=1).values  # (B, R) ascending
     samples = kept - outliers
@@ -94,9 +95,10 @@ def fixed_kept_positions(patch_attention: torch.Tensor, tokens: int) -> torch.Te
 def merge_kept(patches: torch.Tensor, patch_attention: torch.Tensor, patch_keys: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """(B, K + 1, D): each kept patch plus its ``NEIGHBOURS`` key-nearest other patches weighted by
     raw attention, then the attention-weighted sum of the patches not kept (cl:241-279)."""
-    x = patches.float()
-    attention = patch_attention.float()
-    unit = F.normalize(patch_keys.float(), dim=-1)
+    dtype = work_dtype(patches)
+    x = patches.to(dtype)
+    attention = patch_attention.to(dtype)
+    unit = F.normalize(patch_keys.to(dtype), dim=-1)
     similarity = gather_rows(unit, kept) @ unit.transpose(1, 2)  # (B, K, P)
     similarity.scatter_(2, kept.unsqueeze(-1), float("-inf"))  # a token is not its own neighbour
     neighbours = similarity.topk(NEIGHBOURS, dim=-1).indices  # (B, K, 32)

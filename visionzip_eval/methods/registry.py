@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, Literal
 
 from visionzip_eval.budget import Budget
+from visionzip_eval.methods.base import NoReduction, TokenReducer
 
 KINDS = ("pre-llm", "in-llm")
 NONE = "none"  # the method label of full-budget runs (no reduction, whatever the method)
@@ -28,7 +29,7 @@ class OptionInfo:
     @property
     def type_name(self) -> str:
         if typing.get_origin(self.type) is Literal:
-            return " | ".join(repr(v) for v in typing.get_args(self.type))
+            return "/".join(repr(v) for v in typing.get_args(self.type))
         return getattr(self.type, "__name__", str(self.type))
 
     def coerce(self, method: str, value: Any) -> Any:
@@ -206,12 +207,10 @@ class MethodSpec:
     def as_dict(self) -> dict:
         return {"name": self.name, **dict(self.options)}
 
-    def build(self, budget: Budget | int | str | None, **fallbacks):
+    def build(self, budget: Budget | int | str | None, **fallbacks) -> TokenReducer:
         """The reducer for this method at ``budget`` (``full``: no reduction, whatever the
         method). ``fallbacks`` fill options this spec leaves unset, where the method has them
         (the run's ``seed`` for the random baseline), without changing the label."""
-        from visionzip_eval.methods.base import NoReduction
-
         parsed = Budget.parse(budget)
         if parsed.is_full or self.is_none:
             if not parsed.is_full:
@@ -231,6 +230,6 @@ def _text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def get_method(name: MethodSpec | str | dict, budget: Budget | int | str | None = "full", **options):
+def get_method(name: MethodSpec | str | dict, budget: Budget | int | str | None = "full", **options) -> TokenReducer:
     """Build a reducer by name: ``get_method("vispruner", 64, important_ratio=0.3)``."""
     return MethodSpec.parse(name, **options).build(budget)

@@ -34,7 +34,7 @@ import torch
 from visionzip_eval.backends.base import TowerSignals, VLMBackend
 from visionzip_eval.methods.base import FixedCountReducer, check_patch_budget, require_cls_token
 from visionzip_eval.methods.registry import register_method
-from visionzip_eval.selection import Selection, gather_rows
+from visionzip_eval.selection import Selection, gather_rows, work_dtype
 
 MERGE_STEP = 8  # tokens removed per pass (ARCH:163)
 
@@ -44,10 +44,11 @@ def vispruner_select(patches: torch.Tensor, importance: torch.Tensor, tokens: in
     ``importance``: (B, P) head-mean CLS attention."""
     important = int(tokens * important_ratio)
     diverse = tokens - important
-    order = importance.float().argsort(dim=1, descending=True, stable=True)
+    order = importance.to(work_dtype(importance)).argsort(dim=1, descending=True, stable=True)
     kept, residual = order[:, :important], order[:, important:]
     if diverse > 0:
-        unit = patches.float() / patches.float().norm(dim=-1, keepdim=True)
+        features = patches.to(work_dtype(patches))
+        unit = features / features.norm(dim=-1, keepdim=True)
         while True:
             r = min(MERGE_STEP, residual.shape[1] - diverse)
             if r <= 0:
