@@ -204,7 +204,8 @@ def test_method_options_travel_typed_from_config_to_run_folder_and_adapter(tmp_p
     from visionzip_eval.testing import build_tiny_llava
 
     methods = ["visionzip", {"name": "vispruner", "important_ratio": 0.25}, {"name": "vispruner"}]
-    config = load_config(write_config(tmp_path, methods=methods, budgets=["full", 64], executor={"accelerate": True}))
+    config = load_config(write_config(tmp_path, methods=methods, budgets=["full", 64], tasks=["visionzip_smoke_pope"],
+                                      executor={"accelerate": True}))
     runs = plan(config)
     assert [r.id.split("__")[1] for r in runs] == ["none", "visionzip", "vispruner,important_ratio=0.25", "vispruner"]
     tuned = runs[2]

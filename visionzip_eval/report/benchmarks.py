@@ -87,22 +87,19 @@ def sort_key(key: str) -> tuple[int, str]:
     return (ORDER.get(key, len(ORDER)), key)
 
 
-METHOD_NAMES = {
-    "none": "Vanilla",
-    "visionzip": "VisionZip",
-    "random": "Random",
-    "pool": "Pooling",
-    "fastv": "FastV",
-    "sparsevlm": "SparseVLM",
-    "tome": "ToMe",
-}
-# Within a budget group: baselines first, VisionZip last (the paper's layout).
+# Names of rows that are no registered method: the vanilla model, and methods whose rows the
+# report shows only as published numbers. Registered methods name themselves (the registry).
+UNREGISTERED_NAMES = {"none": "Vanilla", "fastv": "FastV", "sparsevlm": "SparseVLM", "tome": "ToMe"}
+# Within a budget group: baselines first, the competitors, VisionZip last (the paper's layout).
 _METHOD_ORDER = {"none": 0, "random": 1, "pool": 2, "tome": 3, "fastv": 4, "sparsevlm": 5, "visionzip": 9}
 
 
 def method_name(method: str) -> str:
-    return METHOD_NAMES.get(str(method), str(method))
+    """``VisionZip``, ``VisPruner (important_ratio=0.25)`` (non-default options shown), ``Vanilla``."""
+    from visionzip_eval.methods.registry import display_name
+
+    return UNREGISTERED_NAMES.get(str(method)) or display_name(str(method))
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
-    return (_METHOD_ORDER.get(str(method), 8), str(method))
+    return (_METHOD_ORDER.get(str(method).partition(",")[0], 8), str(method))

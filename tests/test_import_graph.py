@@ -1,0 +1,66 @@
+"""The package's imports form no cycle (those inside functions included: a lazy import back into
+a module that imports you is still a tangle), and the backends import nothing above themselves
+(loading, methods, testing and synth sit above them)."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "visionzip_eval"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """visionzip_eval modules that ``path`` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from pkg import sub` imports the submodule when there is one
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            parts = name.split(".")
+            found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & modules
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    return {name: imports(path, modules) - {name} for name, path in paths.items()}
+
+
+def test_no_import_cycle():
+    edges = graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for target in sorted(edges[node]):
+            if node.startswith(target + "."):
+                continue  # a module importing its own package: the package is mid-import already
+            if state.get(target) == 1:
+                cycle = path[path.index(target):] + [target] if target in path else [node, target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if state.get(target) is None:
+                visit(target, path + [target])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_backends_import_nothing_above_themselves():
+    edges = graph()
+    allowed = ("visionzip_eval.backends", "visionzip_eval.selection", "visionzip_eval.profiling")
+    for module, targets in edges.items():
+        if module.startswith("visionzip_eval.backends"):
+            above = sorted(t for t in targets if not t.startswith(allowed))
+            assert not above, f"{module} imports {above}"
