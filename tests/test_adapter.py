@@ -8,7 +8,7 @@ from helpers import doc_visuals, generate_requests
 from lmms_eval.api.instance import Instance
 
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM, _cli_output_path
-from visionzip_eval.lmms.efficiency import FIELDS
+from visionzip_eval.records import EFFICIENCY_FIELDS as FIELDS
 from visionzip_eval.testing import build_tiny_llava, sample_images
 
 GEN = {"max_new_tokens": 4, "until": ["\n\n"]}

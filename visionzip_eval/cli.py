@@ -4,11 +4,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+# Nothing heavy at module level: `visionzip-eval --help` must not import torch (each command
+# imports what it needs when it runs).
+
+
+def _ensure_writable(directory: str | Path, what: str) -> None:
+    """ValueError (one line) unless ``directory`` is a folder this process can write into, or
+    one it can create. Checked before any model loads; leaves nothing behind (the probe is a
+    temporary folder, removed at once) and touches nothing that exists."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: that is a file, not a folder: pass a folder you can write to")
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise ValueError(f"{what} {path}: {existing} is a broken link: pass a folder you can write to")
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder: pass a folder you can write to")
+    try:
+        probe = tempfile.mkdtemp(prefix=".visionzip-eval-write-check-", dir=existing)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(
+            f"{what} {path}: cannot write in {existing} ({reason}): pass a folder you can write to"
+        ) from None
+    os.rmdir(probe)
+
+
+def _shown(path: str | Path) -> str:
+    """A path as printed: relative to the current directory when under it, else absolute."""
+    absolute = Path(os.path.abspath(path))
+    for base, target in ((Path.cwd(), absolute), (Path.cwd().resolve(), absolute.resolve())):
+        try:
+            return str(target.relative_to(base))
+        except ValueError:
+            pass
+    return str(absolute)
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    _ensure_writable(args.directory, "tiny-model DIRECTORY")
     from visionzip_eval.testing import save_tiny_llava
 
     path = save_tiny_llava(args.directory, seed=args.seed)
@@ -58,10 +101,14 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from visionzip_eval.sweep import format_plan, load_config, plan, run_sweep
+    from visionzip_eval.sweep.tasks import check_tasks
 
     config = load_config(args.config)
     output_dir = args.output_dir or config.output_dir
+    if not args.dry_run:  # a dry run writes nothing
+        _ensure_writable(output_dir, "--output-dir" if args.output_dir else f"{args.config}: output_dir")
     runs = plan(config)
+    check_tasks(config, source=args.config)  # before any model loads; the index is built once per command
     if args.dry_run:
         if args.json:
             print(json.dumps([dict(r.identity(), id=r.id) for r in runs], indent=2))
@@ -82,6 +129,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from visionzip_eval.report import TableOptions, write_report
 
+    from visionzip_eval.report.build import REPORT_DIR
+
+    if Path(args.results).is_dir():  # a missing one gets the report's own error
+        _ensure_writable(Path(args.results) / REPORT_DIR, "report folder")
     options = TableOptions(pope_metric=args.pope_metric, mme=args.mme, paper=not args.no_paper)
     report = write_report(args.results, options, plots=not args.no_plots)
     print(report.main_table)
@@ -104,19 +155,22 @@ def _cmd_regress(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from visionzip_eval.budget import Budget
     from visionzip_eval.demo import run_demo
 
+    budgets = [Budget.parse(budget) for budget in args.budgets]  # a bad one: one-line error, no banner
+    _ensure_writable(args.output_dir, "--output-dir")
     print("VisionZip demo: a tiny LLaVA-1.5 (CLIP 336/14: 576 patches + CLS) trained on the synthetic "
-          f"benchmark, full/192/128/64 tokens, VisionZip and the random baseline; CPU, offline -> {args.output_dir}/",
-          flush=True)
+          f"benchmark, {'/'.join(b.label for b in budgets)} tokens, VisionZip and the random baseline; CPU, "
+          f"offline -> {_shown(args.output_dir)}/", flush=True)
     summary, report, pictures = run_demo(args.output_dir, progress=not args.quiet, limit=args.limit,
                                          budgets=tuple(args.budgets))
     print(f"sweep: {summary.describe()}")
     print(report.main_table)
     efficiency = report.directory / "efficiency.md"
-    print(f"\nefficiency table: {efficiency}")
+    print(f"\nefficiency table: {_shown(efficiency)}")
     for path in sorted(p for p in report.paths if str(p).endswith(".png")) + pictures:
-        print(f"figure: {path}")
+        print(f"figure: {_shown(path)}")
     return 1 if summary.failed else 0
 
 

@@ -161,3 +161,102 @@ def vit_flops(
     layer = 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m
     projector = tokens_out * (projector_in * projector_out + projector_out * projector_out)
     return 2 * (embed + layers_run * layer + projector)
+
+
+# -- how fast and how busy the machine is -------------------------------------------------------
+
+PROBE_MATMUL = 256  # CPU: a 256 x 256 fp32 matmul (33 MFLOP, ~1 ms); CUDA: 4096 (137 GFLOP)
+PROBE_COPY_BYTES = 16 * 2**20  # a 16 MiB copy (memory bandwidth)
+
+
+def machine_probe(device: torch.device | str = "cpu", repeats: int = 7) -> dict:
+    """A snapshot of the machine's speed and load, taken before and after each run.
+
+    Speed: a fixed matmul (GFLOP/s) and a fixed memory copy (GB/s), each the best of
+    ``repeats`` (the minimum time is the stable estimator on a shared machine), ~15 ms in all
+    on a CPU. Load: the 1-minute load average per core, and cumulative CPU seconds of the whole
+    machine and of this process, from which ``other_cpu_share`` (other processes' share of the
+    cores between two snapshots) is derived. On CUDA also the SM clock, temperature, utilisation
+    and other processes on the GPU (when ``pynvml`` is installed).
+    """
+    import os
+
+    device = torch.device(device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    size = 4096 if cuda else PROBE_MATMUL
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    source = torch.empty(PROBE_COPY_BYTES // 4, device=device)
+    target = torch.empty_like(source)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            clock = StageClock(device)
+            clock.mark("a")
+            fn()
+            clock.mark("b")
+            clock.finish()
+            times.append(clock.ms("a", "b") / 1e3)
+        return max(min(times), 1e-9)
+
+    snapshot = {
+        "time": time.time(),
+        "matmul_gflops": 2 * size**3 / best(lambda: a @ b) / 1e9,
+        "copy_gbs": 2 * PROBE_COPY_BYTES / best(lambda: target.copy_(source)) / 1e9,
+        "cores": os.cpu_count(),
+    }
+    try:
+        snapshot["load_per_core"] = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # pragma: no cover - platforms without a load average
+        pass
+    try:
+        import psutil
+
+        times = psutil.cpu_times()
+        own = psutil.Process().cpu_times()
+        snapshot["system_busy_s"] = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        snapshot["own_cpu_s"] = own.user + own.system
+    except ImportError:  # pragma: no cover - psutil ships with accelerate
+        pass
+    if cuda:
+        snapshot.update(_gpu_state(device))
+    return snapshot
+
+
+def _gpu_state(device: torch.device) -> dict:
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        import os
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid != os.getpid()]
+        return {
+            "gpu_sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "gpu_temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+            "gpu_utilization_percent": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+            "gpu_other_processes": len(others),
+        }
+    except Exception:  # noqa: BLE001 - monitoring must never fail a run
+        return {}
+
+
+def other_cpu_share(before: dict, after: dict) -> float | None:
+    """Other processes' mean share of all cores between two probes (0: idle, 1: every core)."""
+    keys = ("time", "system_busy_s", "own_cpu_s", "cores")
+    if not all(k in before and k in after for k in keys):
+        return None
+    wall = (after["time"] - before["time"]) * (after["cores"] or 1)
+    if wall <= 0:
+        return None
+    others = (after["system_busy_s"] - before["system_busy_s"]) - (after["own_cpu_s"] - before["own_cpu_s"])
+    return min(1.0, max(0.0, others / wall))
+
+
+def machine_record(before: dict, after: dict) -> dict:
+    """What ``run.json`` keeps of a run's machine: both probes and the load between them."""
+    return {"before": before, "after": after, "other_cpu_share": other_cpu_share(before, after)}

@@ -183,6 +183,8 @@ def build_tiny_llava(
 def save_tiny_llava(directory: str | Path, seed: int = 0, **sizes: int) -> Path:
     """Write a tiny model, tokenizer and processor that ``from_pretrained(directory)`` loads offline."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a folder: pass a folder (it is created if missing)")
     model, processor = build_tiny_llava(seed=seed, **sizes)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

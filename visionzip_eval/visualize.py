@@ -3,17 +3,22 @@ other patch tinted with the colour of the contextual token it was merged into (t
 outlined in white), and the CLS-attention heatmap VisionZip ranks by.
 
 Panels are drawn pixel-exact with numpy (one panel pixel per processed-image pixel), so a
-patch's colour can be checked in tests; matplotlib supplies only the colour maps.
+patch's colour can be checked in tests; matplotlib supplies the colour maps and the font
+(its DejaVu Sans: PIL's tiny default font all but drops spaces). A legend strip above the
+captions says what the frames and tints mean (:data:`LEGEND`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from visionzip_eval.backends import backend_for
 from visionzip_eval.budget import Budget
@@ -21,7 +26,22 @@ from visionzip_eval.methods.visionzip import VisionZip
 
 DOMINANT_OUTLINE = (255, 221, 0)  # yellow frame around kept patches
 TARGET_OUTLINE = (255, 255, 255)  # white frame around contextual targets
-CAPTION_HEIGHT = 28
+TITLE_HEIGHT = 28  # each panel's caption
+LEGEND_LINE = 22  # one line of the legend strip: swatch and label
+LEGEND_PAD = 4
+LEGEND_HEIGHT = LEGEND_PAD + LEGEND_LINE  # the strip when the legend fits on one line (sheets >= 680 px wide)
+CAPTION_HEIGHT = LEGEND_HEIGHT + TITLE_HEIGHT  # all text above the panels
+FONT_SIZE = 12
+ATTENTION_TITLE = "CLS attention at layer -2 (bright = high)"
+# (swatch, label) in the order drawn: what a frame or tint in the selection panels means.
+LEGEND: tuple[tuple[str, str], ...] = (
+    ("yellow frame", "dominant token (kept)"),
+    ("tint", "merged into the contextual token of its tint"),
+    ("white frame", "contextual target"),
+)
+SWATCH = 16  # legend swatch side, px
+_SWATCH_BASE = np.array([128, 128, 128], dtype=np.float32)  # the "image" under a swatch's tint or frame
+_SWATCH_BORDER = (64, 64, 64)  # keeps a white frame visible on the white sheet
 
 
 @dataclass
@@ -86,13 +106,21 @@ def _outline(panel: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) 
         panel[y : y + ph, x] = panel[y : y + ph, x + pw - 1] = colour
 
 
+def _palette() -> np.ndarray:
+    return (np.array(colormaps["tab20"].colors) * 255).astype(np.float32)
+
+
+def _tinted(pixels: np.ndarray, tint: np.ndarray) -> np.ndarray:
+    return 0.35 * pixels.astype(np.float32) + 0.65 * tint
+
+
 def selection_panel(view: SelectionMap) -> np.ndarray:
     """Dominant patches untouched and framed yellow; merged patches dimmed and tinted with
     their contextual token's colour; targets framed white."""
     height, width = view.pixels.shape[:2]
-    palette = (np.array(colormaps["tab20"].colors) * 255).astype(np.float32)
+    palette = _palette()
     tint = palette[np.maximum(view.cluster, 0) % len(palette)]
-    tinted = 0.35 * view.pixels.astype(np.float32) + 0.65 * _upsample(tint, height, width)
+    tinted = _tinted(view.pixels, _upsample(tint, height, width))
     merged = _upsample(~view.dominant, height, width)[..., None]
     panel = np.where(merged, tinted, view.pixels.astype(np.float32)).round().astype(np.uint8)
     _outline(panel, view.dominant, DOMINANT_OUTLINE)
@@ -107,18 +135,75 @@ def attention_panel(view: SelectionMap) -> np.ndarray:
     return (0.4 * view.pixels + 0.6 * heat).round().astype(np.uint8)
 
 
+@lru_cache(maxsize=None)
+def font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """matplotlib's DejaVu Sans (always installed with it); PIL's default font as a fallback."""
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
 def _captioned(panel: np.ndarray, caption: str) -> Image.Image:
     height, width = panel.shape[:2]
-    canvas = Image.new("RGB", (width, height + CAPTION_HEIGHT), "white")
-    canvas.paste(Image.fromarray(panel), (0, CAPTION_HEIGHT))
-    ImageDraw.Draw(canvas).text((6, 8), caption, fill="black")
+    canvas = Image.new("RGB", (width, height + TITLE_HEIGHT), "white")
+    canvas.paste(Image.fromarray(panel), (0, TITLE_HEIGHT))
+    ImageDraw.Draw(canvas).text((6, 7), caption, fill="black", font=font())
     return canvas
 
 
+def _swatch(kind: str) -> np.ndarray:
+    """A legend swatch as the panels draw it: grey "image" under a yellow frame, stripes of
+    three contextual tints, or a tinted patch under a white frame; a dark border around it."""
+    palette = _palette()
+    tile = np.broadcast_to(_SWATCH_BASE, (SWATCH, SWATCH, 3)).astype(np.float32)
+    if kind == "tint":
+        stripes = np.array_split(np.arange(SWATCH), 3)
+        for colour, cols in zip((0, 2, 4), stripes):
+            tile[:, cols] = _tinted(_SWATCH_BASE, palette[colour])
+    elif kind == "white frame":
+        tile[:] = _tinted(_SWATCH_BASE, palette[0])
+    tile = tile.round().astype(np.uint8)
+    frame = {"yellow frame": DOMINANT_OUTLINE, "white frame": TARGET_OUTLINE}.get(kind)
+    if frame is not None:
+        tile[:2], tile[-2:], tile[:, :2], tile[:, -2:] = frame, frame, frame, frame
+    out = np.empty((SWATCH + 2, SWATCH + 2, 3), dtype=np.uint8)
+    out[:] = _SWATCH_BORDER
+    out[1:-1, 1:-1] = tile
+    return out
+
+
+def legend_strip(width: int) -> Image.Image:
+    """The :data:`LEGEND` entries left to right, wrapping onto more lines when ``width`` is short."""
+    face = font()
+    items = [(_swatch(kind), label, SWATCH + 2 + 6 + int(np.ceil(face.getlength(label)))) for kind, label in LEGEND]
+    lines, line, used = [], [], 0
+    for item in items:
+        extra = item[2] + (18 if line else 0)
+        if line and used + extra > width - 12:
+            lines.append(line)
+            line, used = [], 0
+            extra = item[2]
+        line.append(item)
+        used += extra
+    lines.append(line)
+    strip = Image.new("RGB", (width, LEGEND_PAD + LEGEND_LINE * len(lines)), "white")
+    draw = ImageDraw.Draw(strip)
+    for row, entries in enumerate(lines):
+        x, y = 6, LEGEND_PAD + row * LEGEND_LINE
+        for swatch, label, span in entries:
+            strip.paste(Image.fromarray(swatch), (x, y + 1))
+            draw.text((x + SWATCH + 2 + 6, y + 2), label, fill="black", font=face)
+            x += span + 18
+    return strip
+
+
 def render(views: list[SelectionMap]) -> Image.Image:
-    """CLS-attention heatmap, then one selection panel per budget, side by side."""
+    """The legend strip on top; below it the CLS-attention heatmap, then one selection panel
+    per budget, side by side, each under its caption."""
     first = views[0]
-    tiles = [_captioned(attention_panel(first), "CLS attention at layer -2 (bright = high)")]
+    tiles = [_captioned(attention_panel(first), ATTENTION_TITLE)]
     for view in views:
         b = view.budget
         tiles.append(
@@ -128,11 +213,14 @@ def render(views: list[SelectionMap]) -> Image.Image:
             )
         )
     width = sum(t.width for t in tiles) + 8 * (len(tiles) - 1)
-    sheet = Image.new("RGB", (width, tiles[0].height), "white")
+    legend = legend_strip(width)
+    sheet = Image.new("RGB", (width, legend.height + tiles[0].height), "white")
+    sheet.paste(legend, (0, 0))
     x = 0
     for tile in tiles:
-        sheet.paste(tile, (x, 0))
+        sheet.paste(tile, (x, legend.height))
         x += tile.width + 8
+    sheet.info["legend"] = [f"{kind}: {label}" for kind, label in LEGEND]
     return sheet
 
 

@@ -11,13 +11,7 @@ from pathlib import Path
 
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-# Every row carries these keys (None when a failed sample could not be measured).
-FIELDS = (
-    "task", "doc_id", "method", "budget", "visual_tokens", "prompt_tokens", "generated_tokens",
-    "vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms", "peak_memory_bytes",
-    "prefill_flops", "vision_flops", "warmup", "device", "attn_implementation", "error",
-)
-TIMES = ("vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms")
+from visionzip_eval.records import EFFICIENCY_JSONL, TIMES, efficiency_row
 
 
 def _median(rows: list[dict], key: str) -> float | None:
@@ -27,7 +21,7 @@ def _median(rows: list[dict], key: str) -> float | None:
 
 class EfficiencyLog:
     def __init__(self, directory: str | os.PathLike | None, warmup: int, static: dict):
-        self.path = Path(directory) / "efficiency.jsonl" if directory else None
+        self.path = Path(directory) / EFFICIENCY_JSONL if directory else None
         self.warmup = warmup
         self.static = dict(static)
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
@@ -38,8 +32,7 @@ class EfficiencyLog:
 
     def record(self, **fields) -> dict:
         failed = fields.get("error") is not None
-        row = {key: None for key in FIELDS}
-        row.update(self.static, run_id=self.run_id, **fields)
+        row = efficiency_row(**self.static, run_id=self.run_id, **fields)
         row["warmup"] = not failed and self._measured < self.warmup
         self._measured += 0 if failed else 1
         self.rows.append(row)

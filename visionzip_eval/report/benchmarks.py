@@ -25,8 +25,8 @@ METRIC_SCALE: dict[str, float] = {
     "acc": 100.0,
     "gpt_eval_score": 1.0,  # MMBench (static or judged): already in percent
     "videomme_perception_score": 1.0,  # already in percent
-    "mme_perception_score": 1.0,  # points, 0-2000 (10 categories x 200)
-    "mme_cognition_score": 1.0,  # points, 0-800 (4 categories x 200)
+    "mme_perception_score": 1.0,  # points, 200 per category present (0-2000 with all 10)
+    "mme_cognition_score": 1.0,  # points, 200 per category present (0-800 with all 4)
 }
 
 
@@ -42,25 +42,31 @@ class Benchmark:
     aliases: tuple[str, ...]  # task-name tokens that identify it (``visionzip_smoke_gqa`` -> gqa)
     metrics: tuple[str, ...]  # preferred metric names, first present wins
     scale_text: str  # what the number means, for the table notes
+    # What guessing scores, as a fraction of the maximum (0.25: four options; 0.5: yes/no; MME:
+    # half its points). None: open answers, no chance level (never left out of Avg for it).
+    chance: float | None = None
 
 
 # Paper column order first (arXiv 2412.04467 Table 1), then the others.
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("GQA", "GQA", ("gqa",), ("exact_match",), "exact match, %"),
-    Benchmark("MMB", "MMB", ("mmbench",), ("gpt_eval_score",), "accuracy (circular evaluation), %"),
-    Benchmark("MME", "MME", ("mme",), ("mme_perception_score",), "perception score, points (0-2000)"),
-    Benchmark("POPE", "POPE", ("pope",), ("pope_f1_score", "pope_accuracy"), "F1, %"),
+    Benchmark("MMB", "MMB", ("mmbench",), ("gpt_eval_score",), "accuracy, %", chance=0.25),
+    Benchmark("MME", "MME", ("mme",), ("mme_perception_score",), "perception score, points (200 per category)",
+              chance=0.5),
+    Benchmark("POPE", "POPE", ("pope",), ("pope_f1_score", "pope_accuracy"), "F1, %", chance=0.5),
     Benchmark("SQA", "SQA", ("scienceqa", "sqa"), ("exact_match",), "(ScienceQA-IMG) accuracy, %"),
     Benchmark("VQAv2", "VQAv2", ("vqav2",), ("exact_match",), "accuracy, %"),
     Benchmark("TextVQA", "TextVQA", ("textvqa",), ("exact_match",), "accuracy, %"),
     Benchmark("MMMU", "MMMU", ("mmmu",), ("mmmu_acc",), "accuracy, %"),
-    Benchmark("SEED", "SEED", ("seedbench", "seed"), ("seed_all", "seed_image"), "accuracy (all: image + video), %"),
-    Benchmark("VideoMME", "Video-MME", ("videomme",), ("videomme_perception_score",), "accuracy, %"),
+    Benchmark("SEED", "SEED", ("seedbench", "seed"), ("seed_all", "seed_image"), "accuracy (all: image + video), %",
+              chance=0.25),
+    Benchmark("VideoMME", "Video-MME", ("videomme",), ("videomme_perception_score",), "accuracy, %", chance=0.25),
     Benchmark("MMVet", "MM-Vet", ("mmvet",), ("gpt_eval_score",), "GPT score, %"),
 )
 _BY_KEY = {b.key: b for b in BENCHMARKS}
 ORDER = {b.key: i for i, b in enumerate(BENCHMARKS)}
 VIDEO_BENCHMARKS = {"VideoMME"}
+MME_POINTS_PER_CATEGORY = 200.0  # acc + acc+, each 0-100
 
 
 def benchmark_for_task(task: str) -> Benchmark | None:

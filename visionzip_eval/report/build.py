@@ -20,8 +20,9 @@ REPORT_DIR = "report"
 class Report:
     directory: Path
     main_table: str  # Markdown of the score tables (what the CLI prints)
-    paths: list[Path] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)  # every file written, figures included
     problems: int = 0
+    figures: list[Path] = field(default_factory=list)  # the figures written (PNG and PDF); none without a complete run
 
 
 class _Writer:
@@ -56,6 +57,8 @@ def write_report(results_dir: str | Path, options: TableOptions = TableOptions()
     summary = _summary_line(results)
 
     main = blocks_markdown(scores, heading="###") if scores else "_No complete run: no score table._"
+    if plots and results.ok.empty:
+        main += "\n\n_No figures: no complete run to plot._"
     table_md = "\n\n".join(p for p in [
         "# VisionZip evaluation: scores",
         f"Results: `{Path(results_dir)}` ({summary}).",
@@ -77,10 +80,11 @@ def write_report(results_dir: str | Path, options: TableOptions = TableOptions()
     writer.text("efficiency.csv", blocks_csv(efficiency) if efficiency else "")
     writer.text("runs.csv", results.runs.to_csv(index=False))
     writer.text("collected.csv", results.frame.to_csv(index=False))
-    if plots:
-        writer.paths += write_plots(results, writer.directory, options)
+    figures = write_plots(results, writer.directory, options) if plots else []
+    writer.paths += figures
     printed = main + ("\n\n" + problems if problems else "")
-    return Report(directory=directory, main_table=printed, paths=writer.paths, problems=len(results.problems))
+    return Report(directory=directory, main_table=printed, paths=writer.paths, problems=len(results.problems),
+                  figures=figures)
 
 
 def _summary_line(results: Results) -> str:

@@ -17,12 +17,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from visionzip_eval import records
 from visionzip_eval.budget import Budget
+from visionzip_eval.records import IDENTITY, STATUS_FAILED, STATUS_INCOMPLETE, STATUS_OK
 from visionzip_eval.report.benchmarks import benchmark_key, metric_scale
-
-STATUS_OK, STATUS_FAILED, STATUS_INCOMPLETE = "ok", "failed", "incomplete"
-
-IDENTITY = ("model", "method", "budget", "task", "limit", "seed")
+from visionzip_eval.report.noise import flag_noisy, probe_columns
 
 # Columns of the tidy frame, in order (see README of the report module / the report's notes).
 COLUMNS = [
@@ -31,16 +30,18 @@ COLUMNS = [
     "metric", "filter", "value", "stderr", "scale", "score", "n_samples",
     "visual_tokens", "tokens_per_image", "full_tokens_per_image", "token_ratio",
     "requests", "warmup_requests", "failed_requests",
-    "vision_ms_median", "vision_ms_p90",
-    "prefill_ms_median", "prefill_ms_p90",
-    "ttft_ms_median", "ttft_ms_p90",
-    "decode_ms_per_token_median", "decode_ms_per_token_p90",
-    "total_ms_median", "total_ms_p90", "total_ms_sum",
+    "vision_ms_median", "vision_ms_p10", "vision_ms_p90",
+    "prefill_ms_median", "prefill_ms_p10", "prefill_ms_p90",
+    "ttft_ms_median", "ttft_ms_p10", "ttft_ms_p90",
+    "decode_ms_per_token_median", "decode_ms_per_token_p10", "decode_ms_per_token_p90",
+    "total_ms_median", "total_ms_p10", "total_ms_p90", "total_ms_sum",
     "peak_memory_bytes_median", "peak_memory_bytes_max", "peak_memory_kind",
     "prefill_flops_median", "vision_flops_median", "tflops_median",
-    "device", "dtype", "attn_implementation", "seconds", "path",
+    "device", "dtype", "attn_implementation", "seconds",
+    "probe_gflops", "probe_copy_gbs", "other_cpu_share", "noisy", "noise", "path",
 ]
 _EFFICIENCY_COLUMNS = COLUMNS[COLUMNS.index("requests"): COLUMNS.index("device")]
+_NOISE_COLUMNS = ("noisy", "noise")
 
 REQUEST_COLUMNS = [
     "run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "doc_id",
@@ -99,23 +100,23 @@ def runs_folder(results_dir: str | Path) -> Path:
 def load_results(results_dir: str | Path) -> Results:
     root = Path(results_dir)
     runs = runs_folder(root)
-    records: list[dict] = []
+    metric_rows: list[dict] = []
     request_frames: list[pd.DataFrame] = []
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
         parsed = _read_run_folder(folder)
         if parsed is None:
             continue
         rows, requests = parsed
-        records.extend(rows)
+        metric_rows.extend(rows)
         if requests is not None and len(requests):
             request_frames.append(requests)
-    if not records:
+    if not metric_rows:
         raise ValueError(f"no run folders under {runs}")
-    frame = pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(metric_rows)
     for column in COLUMNS:
         if column not in frame.columns:
             frame[column] = np.nan
-    frame = frame[COLUMNS]
+    frame = _with_noise(frame[COLUMNS])
     requests = (
         pd.concat(request_frames, ignore_index=True) if request_frames else pd.DataFrame(columns=REQUEST_COLUMNS)
     )
@@ -124,25 +125,6 @@ def load_results(results_dir: str | Path) -> Results:
 
 
 # -- one run folder ------------------------------------------------------------------------------
-
-
-def _identity_from_id(run_id: str) -> dict:
-    """``model__method__budget__task__limit-X__seed-N`` (the sweep planner's run id)."""
-    parts = run_id.split("__")
-    identity: dict = {"model": None, "method": None, "budget": None, "task": None, "limit": None, "seed": None}
-    if len(parts) == 6:
-        identity.update(model=parts[0], method=parts[1], budget=parts[2], task=parts[3])
-        limit = parts[4].removeprefix("limit-")
-        identity["limit"] = None if limit == "all" else _to_int(limit)
-        identity["seed"] = _to_int(parts[5].removeprefix("seed-"))
-    return identity
-
-
-def _to_int(text):
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return text
 
 
 def _read_json(path: Path) -> dict | None:
@@ -154,7 +136,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _read_config(folder: Path) -> dict:
     try:
-        return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+        return yaml.safe_load((folder / records.CONFIG_YAML).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
@@ -170,19 +152,19 @@ def _budget_total(label) -> float:
 def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | None:
     name = folder.name
     if name.startswith("."):
-        if ".partial-" not in name:
+        run_id = records.partial_run_id(name)
+        if run_id is None:
             return None  # ``.<id>.replaced-*``: an old attempt being swapped out, not a run
-        run_id = name[1: name.index(".partial-")]
         status, error = STATUS_INCOMPLETE, "partial folder: the run was interrupted or is still running"
         info = None
     else:
         run_id = name
-        info = _read_json(folder / "run.json")
+        info = records.read_run_json(folder)
         if info is None:
             status = STATUS_INCOMPLETE
             error = (
                 "no run.json: the run was interrupted or is still running"
-                if not (folder / "run.json").exists()
+                if not (folder / records.RUN_JSON).exists()
                 else "run.json is unreadable (interrupted while writing?)"
             )
         else:
@@ -194,7 +176,7 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
                 error = "failed (no error recorded)"
 
     config = _read_config(folder)
-    identity = _identity_from_id(run_id)
+    identity = records.parse_run_id(run_id)
     identity.update({k: v for k, v in (config.get("run") or {}).items() if k in IDENTITY})
     if info is not None:
         identity.update({k: v for k, v in (info.get("identity") or {}).items() if k in IDENTITY})
@@ -213,10 +195,11 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
         dtype=model_cfg.get("dtype"),
         attn_implementation=model_cfg.get("attn_implementation"),
         seconds=(info or {}).get("seconds"),
+        **probe_columns((info or {}).get("machine")),
         path=str(folder),
     )
 
-    requests = _read_requests(folder / "efficiency.jsonl")
+    requests = _read_requests(folder / records.EFFICIENCY_JSONL)
     if requests is not None:
         for key in ("run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "device"):
             if key == "task":
@@ -232,7 +215,7 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
         return [base], requests
 
     metrics = dict(info.get("metrics") or {})
-    results = _latest_results(folder / "lmms_eval")
+    results = _latest_results(folder / records.LMMS_EVAL_DIR)
     task_results, n_samples = {}, math.nan
     if results is not None:
         task_results = (results.get("results") or {}).get(identity["task"]) or {}
@@ -341,6 +324,7 @@ def _efficiency_aggregates(requests: pd.DataFrame | None, medians: dict) -> dict
     out["tokens_per_image"] = _stat(counted["tokens_per_image"], None)
     for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "total_ms"):
         out[f"{key}_median"] = _stat(measured[key], None)
+        out[f"{key}_p10"] = _stat(measured[key], 10)
         out[f"{key}_p90"] = _stat(measured[key], 90)
     out["total_ms_sum"] = float(measured["total_ms"].sum()) if len(measured) else math.nan
     out["peak_memory_bytes_median"] = _stat(measured["peak_memory_bytes"], None)
@@ -352,6 +336,17 @@ def _efficiency_aggregates(requests: pd.DataFrame | None, medians: dict) -> dict
     flops = measured["prefill_flops"].fillna(0) + measured["vision_flops"].fillna(0)
     out["tflops_median"] = _stat(flops[measured["prefill_flops"].notna()] / 1e12, None)
     return out
+
+
+def _with_noise(frame: pd.DataFrame) -> pd.DataFrame:
+    """``noisy`` / ``noise`` per run, judged over the complete runs read together."""
+    per_run = frame.drop_duplicates("path")
+    ok = flag_noisy(per_run[per_run["status"] == STATUS_OK])
+    flags = ok.set_index("path")[list(_NOISE_COLUMNS)]
+    frame = frame.drop(columns=list(_NOISE_COLUMNS)).join(flags, on="path")
+    frame["noisy"] = frame["noisy"].fillna(False).astype(bool)
+    frame["noise"] = frame["noise"].fillna("")
+    return frame[COLUMNS]
 
 
 def _add_full_token_counts(frame: pd.DataFrame, requests: pd.DataFrame) -> None:

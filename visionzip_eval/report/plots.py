@@ -20,14 +20,14 @@ from matplotlib.ticker import FixedLocator, NullLocator
 from visionzip_eval.report import benchmarks as B
 from visionzip_eval.report.collect import Results
 from visionzip_eval.report.paper import PAPER_MARK, paper_rows
-from visionzip_eval.report.tables import TableOptions, _is_video, score_cells
+from visionzip_eval.report.tables import TableOptions, _is_video, chance_exclusions, score_cells
 
 _METHOD_COLORS = {"none": "#1f1f1f", "visionzip": "#2ca02c", "random": "#d62728", "pool": "#ff7f0e",
                   "fastv": "#9467bd", "sparsevlm": "#8c564b", "tome": "#e377c2"}
 _COLORS = ["#1f77b4", "#17becf", "#bcbd22", "#7f7f7f", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5",
            "#c49c94", "#dbdb8d"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-SCALE_MAX = {"MME": 2000.0}
+SCALE_MAX = {"MME": 2000.0}  # fallback when a run's samples do not say which MME categories it holds
 
 
 def _save(fig: Figure, directory: Path, stem: str) -> list[Path]:
@@ -72,13 +72,18 @@ def _empty(ax, text: str) -> None:
 
 
 def _cell_means(results: Results, options: TableOptions) -> pd.DataFrame:
-    """Mean score and median tokens per image for each (model, method, budget, benchmark)."""
+    """Mean score and median tokens per image for each (model, method, budget, benchmark);
+    ``at_chance``: the model's full-budget score on that benchmark is at or below chance (left
+    out of the averages, as in the table's Avg)."""
     cells = score_cells(results, options)
     if cells.empty:
         return cells
     grouped = cells.groupby(["model", "pretrained", "method", "budget", "benchmark"], dropna=False, sort=False)
     means = grouped.agg(score=("score", "mean"), tokens=("tokens_per_image", "median"),
-                        budget_total=("budget_total", "first")).reset_index()
+                        budget_total=("budget_total", "first"), max_score=("max_score", "max")).reset_index()
+    excluded = {(model, bench) for model, mcells in cells.groupby("model", sort=False)
+                for bench in chance_exclusions(mcells)}
+    means["at_chance"] = [(m, b) in excluded for m, b in zip(means["model"], means["benchmark"])]
     full = means[means["budget"] == "full"].groupby(["model", "benchmark"])["score"].mean()
     means["full_score"] = [full.get((m, b), math.nan) for m, b in zip(means["model"], means["benchmark"])]
     ok = means["full_score"].notna() & (means["full_score"] != 0)
@@ -181,6 +186,7 @@ def plot_retention(results: Results, directory: Path, options: TableOptions = Ta
 
 def _avg_retention(mdata: pd.DataFrame) -> pd.DataFrame:
     rows = []
+    mdata = mdata[~mdata["at_chance"]]
     benches = mdata["benchmark"].nunique()
     for (method, budget), sub in mdata.groupby(["method", "budget"]):
         values = sub["retention"].dropna()
@@ -236,10 +242,13 @@ def plot_pareto(results: Results, directory: Path, options: TableOptions = Table
         for (model, method, budget), sub in means.groupby(["model", "method", "budget"]):
             if (model, method, budget) not in latency.index:
                 continue
-            benches = means[means["model"] == model]["benchmark"].nunique()
-            have = int(sub["retention"].notna().sum())
-            y = float(sub["retention"].mean()) if have else math.nan
-            scaled = [s / SCALE_MAX[b] * 100 if b in SCALE_MAX else s for s, b in zip(sub["score"], sub["benchmark"])]
+            mmeans = means[means["model"] == model]
+            benches = mmeans[~mmeans["at_chance"]]["benchmark"].nunique()
+            counted = sub[~sub["at_chance"]]
+            have = int(counted["retention"].notna().sum())
+            y = float(counted["retention"].mean()) if have else math.nan
+            scaled = [s / m * 100 if not pd.isna(m) and m > 0 else s / SCALE_MAX[b] * 100 if b in SCALE_MAX else s
+                      for s, b, m in zip(sub["score"], sub["benchmark"], sub["max_score"])]
             points.append(dict(model=model, method=method, budget=budget, x=float(latency[(model, method, budget)]),
                                y=y, y_raw=float(np.nanmean(scaled)) if scaled else math.nan,
                                tokens=float(sub["tokens"].median()), have=have, benches=benches))
@@ -367,10 +376,20 @@ def plot_latency(results: Results, directory: Path) -> list[Path]:
 
 
 def write_plots(results: Results, directory: Path, options: TableOptions = TableOptions()) -> list[Path]:
+    """The figures that have something to show, and their paths: none from zero complete runs
+    (requests of failed runs are no result), and no placeholder figure for missing data."""
+    if results.ok.empty:
+        return []
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    paths += plot_retention(results, directory, options)
-    paths += plot_pareto(results, directory, options)
-    paths += plot_memory(results, directory)
-    paths += plot_latency(results, directory)
+    means = _cell_means(results, options)
+    reqs = _image_requests(results)
+    if len(means):
+        paths += plot_retention(results, directory, options)
+    if len(means) and len(reqs):
+        paths += plot_pareto(results, directory, options)
+    if len(reqs) and reqs["peak_memory_bytes"].notna().any():
+        paths += plot_memory(results, directory)
+    if len(reqs):
+        paths += plot_latency(results, directory)
     return paths

@@ -14,6 +14,13 @@ Each value is checked with the tolerance of its kind (or its own entry under
 ``direction`` ``both`` fails on a change either way, ``upper`` only on an increase (slower,
 bigger). Scores are compared on the report's scale (percentage points for lmms-eval's 0-1
 metrics, points for MME), so ``abs`` is in those points.
+
+``"relative_to": "full"`` (latency and memory on shared CPUs) compares ratios within one sweep
+instead of absolute values: each run's value over its full-budget run's (same model, task,
+limit, seed), against the same ratio in the baseline; the allowed change is
+``max(rel, spread * s) * baseline ratio``, where ``s`` is the larger relative spread
+``(p90 - p10) / median`` over the requests of the run and of its full-budget run, so a noisier
+measurement gets a wider gate. The full-budget run itself is the reference and is not gated.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from xml.etree import ElementTree as ET
 
 import pandas as pd
 
+from visionzip_eval.records import FULL_METHOD, read_run_json
 from visionzip_eval.report.benchmarks import metric_scale
 from visionzip_eval.report.collect import STATUS_OK, Results, load_results
 
@@ -64,22 +72,23 @@ DEFAULT_TOLERANCES: dict = {
     },
 }
 
-# Preset for baselines written from CPU results (shared CI machines: timings are noise).
+# Preset for baselines written from CPU results (shared CI machines: absolute timings are noise).
 CPU_TOLERANCES: dict = {
     "_doc": (
-        "CPU smoke baseline: the tiny random-weight model is deterministic on CPU, so scores (abs, in "
-        "report points: one of 24 samples moves a % score by 4.2), visual-token counts, sample counts and "
-        "FLOPs (functions of the token counts) are gated tightly. Latency on shared CI runners varies "
-        "several-fold with load, so it is gated only against gross slowdowns (5x, plus 25 ms of slack on "
-        "millisecond timings); peak memory is the process's peak RSS (it depends on what ran before in the "
-        "process), gated at 2x."
+        "CPU baseline: the tiny models are deterministic on CPU, so scores (abs, in report points), "
+        "visual-token counts, sample counts and FLOPs (functions of the token counts) are gated tightly. "
+        "Absolute latency on shared CI runners varies several-fold with load, so latency is gated as each "
+        "run's ratio to its own sweep's full-budget run (the same machine at the same time), allowed to grow "
+        "by 50% or by twice the measured relative spread (p90 - p10) / median, whichever is larger; peak "
+        "memory (the process's peak RSS, which depends on what ran before in the process) as its ratio to "
+        "the full-budget run, allowed to double."
     ),
     "score": {"abs": 0.5, "direction": "both"},
     "tokens": {"exact": True},
     "count": {"exact": True},
     "flops": {"rel": 0.001, "direction": "both"},
-    "latency": {"rel": 4.0, "abs": 25.0, "direction": "upper"},
-    "memory": {"rel": 1.0, "direction": "upper"},
+    "latency": {"relative_to": "full", "rel": 0.5, "spread": 2.0, "direction": "upper"},
+    "memory": {"relative_to": "full", "rel": 1.0, "direction": "upper"},
     "metrics": {
         "mme_perception_score": {"abs": 1.0},
         "mme_cognition_score": {"abs": 1.0},
@@ -93,6 +102,21 @@ def run_key(row) -> str:
     seed = row["seed"]
     seed = int(seed) if isinstance(seed, (int, float)) and not math.isnan(seed) else seed
     return f"{row['model']}/{row['method']}/{row['budget']}/{row['task']}/limit-{limit}/seed-{seed}"
+
+
+def full_run_key(key: str) -> str:
+    """The key of the full-budget run a run's ratios refer to (same model, task, limit, seed)."""
+    model, _, _, rest = key.split("/", 3)
+    return f"{model}/{FULL_METHOD}/full/{rest}"
+
+
+def _spread(row, check: str) -> float:
+    """(p90 - p10) / median of a latency check's requests, NaN where unknown."""
+    stem = check.removesuffix("_median")
+    median, p10, p90 = (_number(row.get(f"{stem}_{q}")) for q in ("median", "p10", "p90"))
+    if any(math.isnan(v) for v in (median, p10, p90)) or median <= 0:
+        return math.nan
+    return (p90 - p10) / median
 
 
 def kind_of(check: str) -> str:
@@ -114,14 +138,16 @@ def current_values(results: Results) -> dict[str, dict]:
     for path, rows in results.frame.groupby("path", sort=True):
         first = rows.iloc[0]
         key = run_key(first)
-        values = {}
+        values, spreads = {}, {}
         if first["status"] == STATUS_OK:
             for _, row in rows.iterrows():
                 if isinstance(row["metric"], str):
                     values[f"{row['metric']},{row['filter']}"] = _number(row["value"])
             for check in RUN_CHECKS:
                 values[check] = _number(first[check])
-        entry = dict(status=first["status"], error=first["error"], values=values, path=path)
+                if RUN_CHECKS[check] == "latency":
+                    spreads[check] = _spread(first, check)
+        entry = dict(status=first["status"], error=first["error"], values=values, spreads=spreads, path=path)
         if key in out and out[key]["status"] == STATUS_OK and first["status"] != STATUS_OK:
             continue  # a partial retry beside a complete run: the complete one counts
         out[key] = entry
@@ -203,7 +229,7 @@ def build_baseline(results: Results, tolerances: dict | None = None, description
         tolerances = copy.deepcopy(CPU_TOLERANCES if devices == ["cpu"] else DEFAULT_TOLERANCES)
     versions = {}
     for path in runs_frame["path"]:
-        info = _read_json(Path(path) / "run.json")
+        info = read_run_json(Path(path))
         if info and info.get("versions"):
             versions = info["versions"]
             break
@@ -293,6 +319,27 @@ def compare_value(name: str, base: float, cur: float, tol: dict) -> tuple[bool, 
     return ok, allowed, message
 
 
+def compare_ratio(name: str, base: float, cur: float, base_full: float, cur_full: float, spread: float,
+                  tol: dict) -> tuple[bool, float, str, float, float]:
+    """(passed, allowed, message, baseline ratio, current ratio) for a value compared as its
+    ratio to the full-budget run of the same sweep."""
+    base, cur, base_full, cur_full = (_number(v) for v in (base, cur, base_full, cur_full))
+    if any(math.isnan(v) for v in (base, cur, base_full, cur_full)) or base_full <= 0 or cur_full <= 0:
+        message = "ratio to the full-budget run undefined (a value or the full-budget run is missing)"
+        return False, 0.0, message, math.nan, math.nan
+    b, c = base / base_full, cur / cur_full
+    widen = float(tol.get("spread", 0.0)) * (0.0 if math.isnan(spread) else spread)
+    factor = max(float(tol.get("rel", 0.0)), widen)
+    allowed = factor * abs(b)
+    diff = c - b
+    direction = tol.get("direction", "both")
+    ok = diff <= allowed if direction == "upper" else -diff <= allowed if direction == "lower" else abs(diff) <= allowed
+    why = f"spread {spread:.2f} x {tol.get('spread')}" if widen > float(tol.get("rel", 0.0)) else f"rel {tol.get('rel')}"
+    message = (f"ratio to full {c:.3f} vs baseline {b:.3f} (change {diff:+.3f}, allowed "
+               f"{'+' if direction == 'upper' else '±'}{allowed:.3f}: {why})")
+    return ok, allowed, message, b, c
+
+
 def compare(results: Results, baseline: dict) -> list[Check]:
     tolerances = merged_tolerances(baseline.get("tolerances"))
     current = current_values(results)
@@ -313,7 +360,23 @@ def compare(results: Results, baseline: dict) -> list[Check]:
                 checks.append(Check(key, name, kind, "fail", baseline=base, message="missing from the results"))
                 continue
             cur = entry["values"][name]
-            ok, allowed, message = compare_value(name, base, cur, tolerance_for(name, tolerances))
+            tol = tolerance_for(name, tolerances)
+            if tol.get("relative_to") == "full":
+                full_key = full_run_key(key)
+                if full_key == key:
+                    checks.append(Check(key, name, kind, "pass", baseline=base, current=cur,
+                                        message="the full-budget run is the reference of the ratios"))
+                    continue
+                full = current.get(full_key) or {"values": {}, "spreads": {}}
+                spread = max(entry["spreads"].get(name, math.nan), full["spreads"].get(name, math.nan),
+                             key=lambda v: -1.0 if math.isnan(v) else v)
+                ok, allowed, message, b, c = compare_ratio(
+                    name, base, cur, baseline["runs"].get(full_key, {}).get(name), full["values"].get(name),
+                    spread, tol)
+                checks.append(Check(key, f"{name}/full", kind, "pass" if ok else "fail", baseline=b,
+                                    current=c, allowed=allowed, message=message))
+                continue
+            ok, allowed, message = compare_value(name, base, cur, tol)
             scale = metric_scale(name) if kind == "score" else 1.0
             checks.append(Check(key, name, kind, "pass" if ok else "fail",
                                 baseline=None if base is None else _number(base) * scale,

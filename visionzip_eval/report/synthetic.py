@@ -1,6 +1,6 @@
 """A handcrafted results directory in the sweep runner's exact format (run.json, config.yaml,
-run.log, efficiency.jsonl, lmms-eval's results and samples files), for tests and examples:
-no model, no GPU, milliseconds to write.
+run.log, efficiency.jsonl, lmms-eval's results and samples files, all through
+``visionzip_eval.records``), for tests and examples: no model, no GPU, milliseconds to write.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import yaml
+
+from visionzip_eval import records
 
 MODEL = "llava-1.5-7b"
 PRETRAINED = "llava-hf/llava-1.5-7b-hf"
@@ -48,7 +50,7 @@ FAILED_ERROR = "RunFailed: lmms-eval produced no metric for gqa (it exits 0 when
 
 
 def run_id(model: str, method: str, budget: str, task: str, limit=None, seed: int = 0) -> str:
-    return f"{model}__{method}__{budget}__{task}__limit-{'all' if limit is None else limit}__seed-{seed}"
+    return records.run_id(model, method, budget, task, limit, seed)
 
 
 def _identity(model, method, budget, task, seed=0):
@@ -79,19 +81,23 @@ def efficiency_rows(task: str, method: str, budget: str, tokens: int, n: int = 8
         error = "ValueError: cannot identify image file" if i == n - 1 and failed else None
         is_warmup = error is None and i < warmup
         base = prefill_ms(tokens) + i  # measured requests: i = warmup .. n-2
-        rows.append({
-            "task": task, "doc_id": i, "method": "visionzip" if method == "none" else method, "budget": budget,
-            "visual_tokens": None if error else tokens, "prompt_tokens": None if error else tokens + 60,
-            "generated_tokens": None if error else 5,
-            "vision_ms": None if error else 15.0, "prefill_ms": None if error else base,
-            "decode_ms": None if error else 4 * 20.0, "ttft_ms": None if error else base + 16.0,
-            "total_ms": None if error else base + 96.0,
-            "peak_memory_bytes": None if error else int(14e9 + tokens * 1e6), "peak_memory_kind": "cuda_max_allocated",
-            "prefill_flops": None if error else int(7e9 * 2 * (tokens + 60)), "vision_flops": None if error else int(3.5e11),
-            "warmup": is_warmup, "device": device, "attn_implementation": "sdpa", "error": error,
-            "tokens_per_image": tokens, "images": 1, "batch_size": 1, "videos": 0,
-        })
+        measured = {} if error else dict(
+            visual_tokens=tokens, prompt_tokens=tokens + 60, generated_tokens=5, vision_ms=15.0, prefill_ms=base,
+            decode_ms=4 * 20.0, ttft_ms=base + 16.0, total_ms=base + 96.0, peak_memory_bytes=int(14e9 + tokens * 1e6),
+            prefill_flops=int(7e9 * 2 * (tokens + 60)), vision_flops=int(3.5e11),
+        )
+        rows.append(records.efficiency_row(
+            task=task, doc_id=i, method=method, budget=budget, **measured, peak_memory_kind="cuda_max_allocated",
+            warmup=is_warmup, device=device, attn_implementation="sdpa", error=error,
+            tokens_per_image=tokens, images=1, batch_size=1, videos=0,
+        ))
     return rows
+
+
+def quiet_machine(matmul_gflops: float = 100.0, other_cpu_share: float = 0.02) -> dict:
+    """``run.json``'s machine record of a run on a quiet machine (or, with other figures, a busy one)."""
+    probe = {"time": 1.0e9, "matmul_gflops": matmul_gflops, "copy_gbs": 10.0, "cores": 2, "load_per_core": 0.1}
+    return {"before": probe, "after": dict(probe, time=1.0e9 + 60), "other_cpu_share": other_cpu_share}
 
 
 def _results_json(task: str, metrics: dict[str, float], n: int, date: str) -> dict:
@@ -113,19 +119,19 @@ def _results_json(task: str, metrics: dict[str, float], n: int, date: str) -> di
 def write_run(runs: Path, model: str, pretrained: str, method: str, budget: str, task: str,
               metrics: dict[str, float] | None, status: str = "ok", error: str | None = None,
               tokens: int | None = None, device: str = "cuda:0", write_run_json: bool = True,
-              folder_name: str | None = None, n: int = 8) -> Path:
+              folder_name: str | None = None, n: int = 8, machine: dict | None = None) -> Path:
     rid = run_id(model, method, budget, task)
     folder = runs / (folder_name or rid)
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(
+    (folder / records.CONFIG_YAML).write_text(
         yaml.safe_dump(_config(model, pretrained, method, budget, task, device), sort_keys=False), encoding="utf-8")
-    (folder / "run.log").write_text("", encoding="utf-8")
+    (folder / records.RUN_LOG).write_text("", encoding="utf-8")
     if tokens is not None and status == "ok":
         rows = efficiency_rows(task, method, budget, tokens, n=n, device=device)
-        (folder / "efficiency.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (folder / records.EFFICIENCY_JSONL).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     if status == "ok" and metrics is not None:
         date = "20260101_120000"
-        out = folder / "lmms_eval"
+        out = folder / records.LMMS_EVAL_DIR
         out.mkdir()
         (out / f"{date}_results.json").write_text(json.dumps(_results_json(task, metrics, n, date), indent=2),
                                                    encoding="utf-8")
@@ -134,23 +140,24 @@ def write_run(runs: Path, model: str, pretrained: str, method: str, budget: str,
             encoding="utf-8")
     if write_run_json:
         measured = [r for r in efficiency_rows(task, method, budget, tokens or 0, n=n) if not r["warmup"] and not r["error"]]
-        info = {
-            "status": status,
-            "error": error,
-            "metrics": {f"{k},none": v for k, v in (metrics or {}).items()} if status == "ok" else {},
-            "efficiency": {"requests": n, "failed_requests": 1, "warmup_requests": 2,
-                           "median_prefill_ms": sorted(r["prefill_ms"] for r in measured)[len(measured) // 2]}
+        record = records.RunRecord(
+            status=status,
+            error=error,
+            metrics={f"{k},none": v for k, v in (metrics or {}).items()} if status == "ok" else {},
+            efficiency={"requests": n, "failed_requests": 1, "warmup_requests": 2,
+                        "median_prefill_ms": sorted(r["prefill_ms"] for r in measured)[len(measured) // 2]}
             if status == "ok" else {},
-            "identity": _identity(model, method, budget, task),
-            "run_id": rid,
-            "started": 1.0e9,
-            "finished": 1.0e9 + 60,
-            "seconds": 60.0,
-            "device": device,
-            "versions": {"python": "3.11", "visionzip-eval": "0.1.0", "torch": "2.x", "transformers": "5.x",
-                         "lmms-eval": "0.7.3"},
-        }
-        (folder / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+            identity=_identity(model, method, budget, task),
+            run_id=rid,
+            started=1.0e9,
+            finished=1.0e9 + 60,
+            seconds=60.0,
+            device=device,
+            versions={"python": "3.11", "visionzip-eval": "0.1.0", "torch": "2.x", "transformers": "5.x",
+                      "lmms-eval": "0.7.3"},
+            machine=machine if machine is not None else quiet_machine(),
+        )
+        (folder / records.RUN_JSON).write_text(record.to_json(), encoding="utf-8")
     return folder
 
 
@@ -174,7 +181,7 @@ def make_results(root: str | Path, problems: bool = True, model: str = MODEL, pr
     if problems:
         method, budget, task = INCOMPLETE_PARTIAL
         write_run(runs, model, pretrained, method, budget, task, None, status="incomplete", write_run_json=False,
-                  folder_name=f".{run_id(model, method, budget, task)}.partial-4242-1767000000")
+                  folder_name=records.partial_name(run_id(model, method, budget, task), 4242, 1767000000))
         method, budget, task = INCOMPLETE_NO_RUN_JSON
         write_run(runs, model, pretrained, method, budget, task, None, status="incomplete", write_run_json=False)
     return root

@@ -5,8 +5,12 @@ objects that ``render`` turns into Markdown, LaTeX and CSV.
 
 from __future__ import annotations
 
+import json
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,8 +28,9 @@ MME_MODES = ("perception", "total")
 @dataclass(frozen=True)
 class TableOptions:
     """``pope_metric``: ``f1`` (the lmms-eval/LLaVA convention) or ``accuracy``;
-    ``mme``: ``perception`` (0-2000) or ``total`` (perception + cognition, 0-2800, the paper's
-    apparent convention); ``paper``: show the paper's rows when the model matches."""
+    ``mme``: ``perception`` (200 points per perception category present: 0-2000 with all 10)
+    or ``total`` (perception + cognition, 0-2800 with all 14 categories, the paper's apparent
+    convention); ``paper``: show the paper's rows when the model matches."""
 
     pope_metric: str = "f1"
     mme: str = "perception"
@@ -62,17 +67,147 @@ class TableBlock:
 # -- scores ----------------------------------------------------------------------------------------
 
 
-def _scale_text(key: str, options: TableOptions) -> str:
+def _mme_scale_text(cells: pd.DataFrame, options: TableOptions) -> str:
+    """MME's points scale from the categories the runs hold (200 per category present)."""
+    what = "perception + cognition score" if options.mme == "total" else "perception score"
+    counts = sorted({int(v) for v in cells["categories"] if not pd.isna(v)}) if len(cells) else []
+    per = B.MME_POINTS_PER_CATEGORY
+    if not counts:
+        full = ("0-2800) if all 14 categories are present" if options.mme == "total"
+                else "0-2000) if all 10 perception categories are present")
+        return f"{what}, points ({full} ({per:.0f} per category; no samples file to count those of this run)"
+    if len(counts) == 1:
+        n = counts[0]
+        return f"{what}, points (0-{per * n:.0f}: {per:.0f} per category x {n} categor{'y' if n == 1 else 'ies'})"
+    ranges = ", ".join(f"0-{per * n:.0f} ({n} categories)" for n in counts)
+    return f"{what}, points ({per:.0f} per category present; runs differ: {ranges})"
+
+
+def _mmb_scale_text(cells: pd.DataFrame) -> str:
+    """MMBench's evaluation as the runs hold it: circular only when a question comes in several
+    option rotations (lmms-eval groups rows by ``index`` mod 1e6)."""
+    values = [v for v in cells["circular"].tolist() if v is not None and not pd.isna(v)] if len(cells) else []
+    if not values:
+        return "accuracy, %"
+    circular = sum(bool(v) for v in values)
+    if circular == len(values):
+        return ("accuracy (circular evaluation: a question counts only if every rotation of its options "
+                "is answered right), %")
+    if circular == 0:
+        return "accuracy (single pass: each question asked once, in one option order), %"
+    return f"accuracy (circular evaluation in {circular} of {len(values)} runs only), %"
+
+
+def _scale_text(key: str, options: TableOptions, cells: pd.DataFrame | None = None) -> str:
     bench = B.get(key)
     name = bench.name if bench else key
+    mine = cells[cells["benchmark"] == key] if cells is not None and "categories" in cells else None
     if key == "MME":
-        text = ("perception + cognition score, points (0-2800)" if options.mme == "total"
-                else "perception score, points (0-2000)")
+        text = _mme_scale_text(mine if mine is not None else pd.DataFrame(columns=["categories"]), options)
+    elif key == "MMB" and mine is not None:
+        text = _mmb_scale_text(mine)
     elif key == "POPE":
         text = "F1, %" if options.pope_metric == "f1" else "accuracy, %"
     else:
         text = bench.scale_text if bench else "its first metric, as lmms-eval reports it"
     return f"{name} {text}"
+
+
+# -- what a run's lmms-eval samples say: MME categories present, MMBench rotations ------------------
+
+MMB_ROTATION_STRIDE = 1_000_000  # lmms-eval MMBench: rotation k of question i has index i + k * 1e6
+_OPTION_LETTERS = "ABCDEFGHI"
+
+
+@dataclass(frozen=True)
+class SampleFacts:
+    """``categories``: metric -> MME categories present; ``circular``: some MMBench question
+    comes in several rotations; ``chance``: what guessing scores on this MMBench run (fraction)."""
+
+    categories: dict | None = None
+    circular: bool | None = None
+    chance: float | None = None
+
+
+def _samples_file(folder: Path, task: str) -> Path | None:
+    lmms = Path(folder) / "lmms_eval"
+    suffix = f"_samples_{task}.jsonl"
+    files = sorted(p for p in lmms.glob(f"*{suffix}") if p.is_file()) if lmms.is_dir() else []
+    return files[-1] if files else None  # names start with the date: last is newest
+
+
+def _n_options(item: dict) -> int:
+    n = 0
+    for letter in _OPTION_LETTERS:
+        value = item.get(letter)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if str(value).strip().lower() in ("", "nan", "none"):
+            continue
+        n += 1
+    return n if n >= 2 else 4
+
+
+@lru_cache(maxsize=512)
+def _read_sample_facts(path: str, stamp: tuple[int, int], bench_key: str) -> SampleFacts:
+    categories: dict[str, set] = defaultdict(set)
+    groups: dict[int, list[int]] = defaultdict(list)
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            if bench_key == "MME":
+                for metric in ("mme_perception_score", "mme_cognition_score"):
+                    entry = row.get(metric)
+                    if isinstance(entry, dict) and entry.get("category") is not None:
+                        categories[metric].add(str(entry["category"]))
+            elif bench_key == "MMB":
+                entry = row.get("gpt_eval_score")
+                if isinstance(entry, dict) and isinstance(entry.get("index"), (int, float)):
+                    groups[int(entry["index"]) % MMB_ROTATION_STRIDE].append(_n_options(entry))
+    if bench_key == "MME":
+        return SampleFacts(categories={k: frozenset(v) for k, v in categories.items()} if categories else None)
+    if not groups:
+        return SampleFacts()
+    # a question counts only if every rotation is right: a guesser gets it with prod(1 / options)
+    chance = float(np.mean([np.prod([1.0 / n for n in options]) for options in groups.values()]))
+    return SampleFacts(circular=any(len(g) > 1 for g in groups.values()), chance=chance)
+
+
+def sample_facts(folder, task: str, bench_key: str) -> SampleFacts:
+    """What the run's newest lmms-eval samples file says (empty facts without one)."""
+    if bench_key not in ("MME", "MMB") or not folder or not task:
+        return SampleFacts()
+    path = _samples_file(Path(folder), str(task))
+    if path is None:
+        return SampleFacts()
+    stat = path.stat()
+    return _read_sample_facts(str(path), (stat.st_mtime_ns, stat.st_size), bench_key)
+
+
+def _scale_and_chance(bench_key: str, metric: str | None, facts: SampleFacts) -> dict:
+    """The run's maximum score and chance score on the report scale (NaN where unknown or none),
+    the MME categories counted, and whether MMBench ran circular."""
+    bench = B.get(bench_key)
+    out = dict(max_score=math.nan, chance=math.nan, categories=math.nan, circular=None)
+    if bench is None:
+        return out
+    if bench_key == "MME":
+        if facts.categories is not None and metric:
+            n = sum(len(facts.categories.get(m, ())) for m in metric.split("+"))
+            if n:
+                out["categories"] = float(n)
+                out["max_score"] = B.MME_POINTS_PER_CATEGORY * n
+    else:
+        out["max_score"] = 100.0
+    if bench_key == "MMB":
+        out["circular"] = facts.circular
+        out["chance"] = 100.0 * facts.chance if facts.chance is not None else math.nan
+    elif bench.chance is not None:
+        out["chance"] = bench.chance * out["max_score"]
+    return out
 
 
 def _pick(metrics: dict[str, float], bench_key: str, options: TableOptions) -> tuple[float, str | None]:
@@ -98,19 +233,22 @@ def _pick(metrics: dict[str, float], bench_key: str, options: TableOptions) -> t
 
 def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.DataFrame:
     """One row per complete run: model, method, budget, budget_total, benchmark, seed,
-    tokens_per_image, metric (the one the table uses), score (report scale)."""
+    tokens_per_image, metric (the one the table uses), score (report scale), max_score and
+    chance (the score a guesser gets; NaN: none or unknown) on the same scale, categories (MME
+    categories counted) and circular (MMBench), from the run's samples file."""
     ok = results.ok
     rows = []
     for _, run in ok.groupby("path", sort=False):
         first = run.iloc[0]
         metrics = dict(zip(run["metric"], run["score"]))
         score, metric = _pick(metrics, first["benchmark"], options)
+        facts = sample_facts(first["path"], first["task"], first["benchmark"])
         rows.append(dict(
             run_id=first["run_id"], model=first["model"], pretrained=first["pretrained"],
             method=first["method"], budget=first["budget"], budget_total=first["budget_total"],
             task=first["task"], benchmark=first["benchmark"], seed=first["seed"],
             tokens_per_image=first["tokens_per_image"], full_tokens_per_image=first["full_tokens_per_image"],
-            metric=metric, score=score,
+            metric=metric, score=score, **_scale_and_chance(first["benchmark"], metric, facts),
         ))
     return pd.DataFrame(rows)
 
@@ -126,6 +264,20 @@ def _group_title(tokens: float, full: float, is_full: bool) -> str:
     if pd.isna(full) or pd.isna(tokens) or full <= 0:
         return f"Retain {t} tokens"
     return f"Retain {t} tokens (↓ {100 * (1 - tokens / full):.1f}%)"
+
+
+def chance_exclusions(cells: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """Benchmarks one model's full-budget score (mean over its runs) is at or below chance on:
+    key -> (score, chance). Retention of a guessing model is noise, so Avg leaves them out."""
+    out = {}
+    if cells.empty or "chance" not in cells:
+        return out
+    full = cells[cells["budget"] == "full"]
+    for key, rows in full.groupby("benchmark", sort=False):
+        score, chance = rows["score"].mean(), rows["chance"].mean()
+        if not pd.isna(score) and not pd.isna(chance) and score <= chance + 1e-9 * max(1.0, abs(chance)):
+            out[str(key)] = (float(score), float(chance))
+    return dict(sorted(out.items(), key=lambda kv: B.sort_key(kv[0])))
 
 
 def _avg(scores: dict[str, float], full: dict[str, float], keys: list[str]) -> tuple[float, int]:
@@ -164,6 +316,8 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     mean = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].mean()
     counts = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].size()
     full_cells = cells[cells["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
+    at_chance = chance_exclusions(cells)
+    avg_keys = [b for b in bench_keys if b not in at_chance]  # the benchmarks Avg is over
 
     groups: dict[float, dict] = {}
     for (method, budget), rows in cells.groupby(["method", "budget"], sort=False):
@@ -197,17 +351,17 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
                 pd.to_numeric(paper["budget"], errors="coerce") == group["total"]]
             group_paper = [r for _, r in match.iterrows()]
         for row in measured:
-            avg, used = _avg(row["scores"], full_cells, bench_keys)
-            if 0 < used < len(bench_keys) and not all(
-                    pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in bench_keys):
-                missing = [b for b in bench_keys if pd.isna(row["scores"][b])]
+            avg, used = _avg(row["scores"], full_cells, avg_keys)
+            if 0 < used < len(avg_keys) and not all(
+                    pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in avg_keys):
+                missing = [b for b in avg_keys if pd.isna(row["scores"][b])]
                 if missing:
                     partial_rows.append(f"{_row_label(row['method'], row['budget'], row['budget_total'])} at "
                                         f"{row['budget']} (no {', '.join(missing)})")
             delta = math.nan
             for prow in group_paper:
                 if prow["method"] == row["method"] and not group["is_full"]:
-                    common = [b for b in bench_keys if not pd.isna(prow.get(b, math.nan))]
+                    common = [b for b in avg_keys if not pd.isna(prow.get(b, math.nan))]
                     ours, n_ours = _avg(row["scores"], full_cells, common)
                     theirs, n_theirs = _avg({b: prow[b] for b in common}, paper_full, common)
                     if common and n_ours == n_theirs == len(common):
@@ -221,7 +375,7 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
             ))
         for prow in group_paper:
             scores = {b: float(prow[b]) if b in prow and not pd.isna(prow[b]) else math.nan for b in bench_keys}
-            common = [b for b in bench_keys if not pd.isna(scores[b])]
+            common = [b for b in avg_keys if not pd.isna(scores[b])]
             if common:
                 avg, _ = _avg(scores, paper_full, common)
                 label = f"{B.method_name(prow['method'])} (paper{PAPER_MARK})"
@@ -254,13 +408,20 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     if has_paper:
         columns.append(Column("delta", "Δ Avg vs paper (pp)", "delta", None))
 
-    notes = ["Scales: " + "; ".join(_scale_text(b, options) for b in bench_keys) + "."]
+    notes = ["Scales: " + "; ".join(_scale_text(b, options, cells) for b in bench_keys) + "."]
     notes.append(
         "Avg: mean over the benchmarks of score / the same model's full-budget score, in %; "
         "'–' where a full-budget score is 0 or missing (retention is undefined)."
-        if any(pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in bench_keys)
+        if any(pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in avg_keys)
         else "Avg: mean over the benchmarks of score / the same model's full-budget score, in %."
     )
+    if at_chance:
+        named = "; ".join(f"{B.get(b).name if B.get(b) else b} ({score:.1f}, chance {chance:.1f})"
+                          for b, (score, chance) in at_chance.items())
+        notes.append(
+            "Left out of Avg (the retention of a model that guesses is noise; their columns stay), "
+            f"at chance at full budget: {named}."
+        )
     if partial_rows:
         notes.append("Avg over the benchmarks present only: " + "; ".join(partial_rows) + ".")
     if (counts > 1).any():

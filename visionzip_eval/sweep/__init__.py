@@ -14,6 +14,7 @@ from tqdm import tqdm
 from visionzip_eval.sweep.config import ConfigError, SweepConfig, load_config
 from visionzip_eval.sweep.plan import Run, format_plan, plan
 from visionzip_eval.sweep.runner import Outcome, is_complete
+from visionzip_eval.sweep.tasks import check_tasks
 
 
 @dataclass
@@ -47,6 +48,7 @@ def run_sweep(config: SweepConfig, output_dir: str | Path | None = None, progres
 
     output_dir = Path(output_dir or config.output_dir)
     runs = plan(config)
+    check_tasks(config)  # an unknown task is a one-line error here, not a KeyError per run after the model loads
     todo = [run for run in runs if not is_complete(output_dir, run)]
     summary = SweepSummary(planned=len(runs), already_complete=len(runs) - len(todo))
     if not todo:
@@ -68,4 +70,6 @@ def run_sweep(config: SweepConfig, output_dir: str | Path | None = None, progres
     return summary
 
 
-__all__ = ["ConfigError", "Run", "SweepConfig", "SweepSummary", "format_plan", "load_config", "plan", "run_sweep"]
+__all__ = [
+    "ConfigError", "Run", "SweepConfig", "SweepSummary", "check_tasks", "format_plan", "load_config", "plan", "run_sweep",
+]

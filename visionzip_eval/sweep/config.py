@@ -109,15 +109,37 @@ def _location(error: dict) -> str:
     return ".".join(str(part) for part in error["loc"]) or "(top level)"
 
 
+def _one_line(error: yaml.YAMLError) -> str:
+    """The YAML error's problem and where, on one line (its text spans several, with a caret)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem}, line {mark.line + 1} column {mark.column + 1}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def load_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep config; relative paths in it resolve against its folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a text file (not UTF-8: byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "a sweep config is a YAML file (see configs/)"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    if "\x00" in text:
+        raise ConfigError(
+            f"{path}: not a text file (NUL character at offset {text.index(chr(0))}); a sweep config is a YAML file (see configs/)"
+        )
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(error)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     try:

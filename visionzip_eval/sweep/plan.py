@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from visionzip_eval import records
 from visionzip_eval.budget import Budget
 from visionzip_eval.methods.registry import NONE, MethodSpec
 from visionzip_eval.sweep.config import ModelSpec, SweepConfig
@@ -24,8 +25,7 @@ class Run:
 
     @property
     def id(self) -> str:
-        limit = "all" if self.limit is None else str(self.limit)
-        return f"{self.model}__{self.method.label}__{self.budget.label}__{self.task}__limit-{limit}__seed-{self.seed}"
+        return records.run_id(self.model, self.method.label, self.budget.label, self.task, self.limit, self.seed)
 
     def identity(self) -> dict:
         """The identity as plain values (run.json, config.yaml, --dry-run --json)."""

@@ -3,7 +3,8 @@
 Folder protocol under ``OUTPUT/runs/``:
 - a run works in ``.<id>.partial-<pid>-<time>/`` while holding ``OUTPUT/locks/<id>.lock``;
 - it writes ``config.yaml``, ``run.log``, lmms-eval's results and samples, ``efficiency.jsonl``,
-  then ``run.json`` (status, identity, timings, versions) last, by atomic rename;
+  then ``run.json`` (``records.RunRecord``: status, identity, metrics, timings, versions, and
+  the machine's speed and load around the run) last, by atomic rename;
 - then the folder is renamed to ``<id>/`` (atomic). A run is complete when ``<id>/run.json``
   says ``ok``. A killed run leaves only a partial folder, which the next attempt deletes
   (it can tell the folder is stale: nobody holds the lock). A failed run lands with status
@@ -13,7 +14,6 @@ Folder protocol under ``OUTPUT/runs/``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -26,11 +26,10 @@ from pathlib import Path
 import yaml
 from filelock import FileLock, Timeout
 
+from visionzip_eval import records
+from visionzip_eval.records import STATUS_FAILED, STATUS_OK, RunRecord, read_run_json
 from visionzip_eval.sweep.config import ModelSpec, SweepConfig
 from visionzip_eval.sweep.plan import Run, model_spec
-
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
 
 
 @dataclass
@@ -41,29 +40,18 @@ class Outcome:
     error: str | None = None
 
 
+def _loguru_handlers(logger) -> set[int]:
+    """Ids of the loguru handlers installed now."""
+    return set(logger._core.handlers)  # no public accessor; stable since loguru 0.4
+
+
 def run_dir(output_dir: Path, run: Run) -> Path:
     return Path(output_dir) / "runs" / run.id
-
-
-def read_run_json(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "run.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def is_complete(output_dir: Path, run: Run) -> bool:
     info = read_run_json(run_dir(output_dir, run))
     return info is not None and info.get("status") == STATUS_OK
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _versions() -> dict:
@@ -190,9 +178,9 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
     try:
         if is_complete(output_dir, run):  # finished by another sweep while we waited
             return Outcome(run.id, "skipped")
-        for stale in final.parent.glob(f".{run.id}.partial-*"):
+        for stale in final.parent.glob(records.partial_name(run.id, "*", "*")):
             shutil.rmtree(stale, ignore_errors=True)  # we hold the lock: nobody is writing it
-        work = final.parent / f".{run.id}.partial-{os.getpid()}-{int(time.time())}"
+        work = final.parent / records.partial_name(run.id, os.getpid(), int(time.time()))
         work.mkdir(parents=True)
         spec = model_spec(config, run.model)
         resolved = {
@@ -203,27 +191,35 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
             "device": cache.device,
             "sweep": config.name,
         }
-        (work / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+        (work / records.CONFIG_YAML).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         import lmms_eval.models  # noqa: F401  (its import removes every loguru handler: do it first)
 
+        from visionzip_eval.profiling import machine_probe, machine_record
+
+        probe = machine_probe(cache.device if cache.device != "launcher" else "cpu")
         started = time.time()
-        info = {"status": STATUS_OK, "error": None}
+        outcome = {"status": STATUS_OK, "error": None}
         # The run's own output (lmms-eval's logs and progress bars) goes to its run.log; the
         # console keeps the sweep's progress bar only.
-        with open(work / "run.log", "a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
-            sink = logger.add(log, level="INFO", enqueue=False)
+        with open(work / records.RUN_LOG, "a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
+            handlers = _loguru_handlers(logger)
+            logger.add(log, level="INFO", enqueue=False)
             try:
-                info.update(evaluate(run, config, cache, work))
+                outcome.update(evaluate(run, config, cache, work))
             except Exception as error:  # one failed run never stops the sweep
-                info.update(status=STATUS_FAILED, error=f"{type(error).__name__}: {error}")
+                outcome.update(status=STATUS_FAILED, error=f"{type(error).__name__}: {error}")
                 logger.error(f"run {run.id} failed:\n{traceback.format_exc()}")
             finally:
-                try:
-                    logger.remove(sink)
-                except ValueError:  # something removed every handler meanwhile
-                    pass
+                # ours, and any a library added while stdout/stderr were this run's log: each
+                # would outlive the file and fail every later run's logging
+                for handler in _loguru_handlers(logger) - handlers:
+                    logger.remove(handler)
         finished = time.time()
-        info.update(
+        record = RunRecord(
+            status=outcome["status"],
+            error=outcome["error"],
+            metrics=outcome.get("metrics") or {},
+            efficiency=outcome.get("efficiency") or {},
             identity=run.identity(),
             run_id=run.id,
             started=started,
@@ -231,15 +227,16 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
             seconds=finished - started,
             device=cache.device,
             versions=_versions(),
+            machine=machine_record(probe, machine_probe(cache.device if cache.device != "launcher" else "cpu")),
         )
-        _atomic_write(work / "run.json", json.dumps(info, indent=2, default=str))
+        records.write_atomic(work / records.RUN_JSON, record.to_json())
         if final.exists():  # an earlier failed attempt: replaced only now that this one landed
-            old = final.parent / f".{run.id}.replaced-{int(time.time())}"
+            old = final.parent / records.replaced_name(run.id, int(time.time()))
             os.rename(final, old)
             os.rename(work, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(work, final)
-        return Outcome(run.id, info["status"], info["seconds"], info["error"])
+        return Outcome(run.id, record.status, record.seconds, record.error)
     finally:
         lock.release()

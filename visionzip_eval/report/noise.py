@@ -1,0 +1,61 @@
+"""Which runs were timed on a noisy machine.
+
+Each run records a calibration probe before and after it (``profiling.machine_probe``: a fixed
+matmul and memory copy, and the CPU time other processes took meanwhile). A run is *noisy*
+when other processes took more than ``OTHER_CPU_SHARE`` of the cores while it ran, or when its
+probe is more than ``PROBE_DEVIATION`` slower or faster than the median probe of the results
+it is reported with (the machine changed speed under it). Noisy runs' timings are still shown,
+marked; ``visionzip-eval sweep --rerun-noisy`` runs them again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+OTHER_CPU_SHARE = 0.25  # other processes' mean share of all cores during the run
+PROBE_DEVIATION = 0.30  # |probe / median probe - 1| beyond this (either way) is a different machine
+
+
+def probe_columns(machine: dict | None) -> dict:
+    """The per-run figures the report keeps from ``run.json``'s machine record."""
+    machine = machine or {}
+    probes = [p for p in (machine.get("before"), machine.get("after")) if isinstance(p, dict)]
+
+    def slowest(key):
+        values = [p[key] for p in probes if isinstance(p.get(key), (int, float))]
+        return float(min(values)) if values else math.nan
+
+    share = machine.get("other_cpu_share")
+    return dict(
+        probe_gflops=slowest("matmul_gflops"),
+        probe_copy_gbs=slowest("copy_gbs"),
+        other_cpu_share=float(share) if isinstance(share, (int, float)) else math.nan,
+    )
+
+
+def flag_noisy(runs: pd.DataFrame, other_cpu_share: float = OTHER_CPU_SHARE,
+               probe_deviation: float = PROBE_DEVIATION) -> pd.DataFrame:
+    """``noisy`` (bool) and ``noise`` (why, or "") for each row of a frame with the
+    ``probe_columns``; the medians are over the frame's rows, per device."""
+    out = runs.copy()
+    out["noisy"] = False
+    out["noise"] = ""
+    for _, rows in out.groupby(out["device"].fillna(""), sort=False):
+        medians = {key: rows[key].median() for key in ("probe_gflops", "probe_copy_gbs")}
+        for index, row in rows.iterrows():
+            reasons = []
+            share = row["other_cpu_share"]
+            if isinstance(share, float) and not math.isnan(share) and share > other_cpu_share:
+                reasons.append(f"other processes used {share:.0%} of the cores")
+            for key, what in (("probe_gflops", "matmul"), ("probe_copy_gbs", "memory")):
+                value, median = row[key], medians[key]
+                if not (isinstance(value, float) and value > 0 and median > 0) or math.isnan(value):
+                    continue
+                ratio = value / median
+                if abs(ratio - 1) > probe_deviation:
+                    reasons.append(f"{what} probe at {ratio:.2f}x the median")
+            out.at[index, "noisy"] = bool(reasons)
+            out.at[index, "noise"] = "; ".join(reasons)
+    return out
