@@ -30,16 +30,58 @@ def shard(runs: list[Run], count: int) -> list[list[Run]]:
     return [s for s in shards if s]
 
 
+def budget_problems(config: SweepConfig, cache: ModelCache, runs: list[Run]) -> dict[str, str]:
+    """Run id -> why the model cannot serve the run's method and budget (a budget larger than
+    its tower, a method whose signal its tower lacks); ``runs`` are of one model, loaded here
+    (the cache keeps it for the runs)."""
+    from visionzip_eval.backends import backend_for
+
+    backend = backend_for(cache.get(model_spec(config, runs[0].model))[0])
+    problems = {}
+    for run in runs:
+        try:
+            run.method.build(run.budget, seed=run.seed).check(backend)
+        except ValueError as error:
+            problems[run.id] = f"{run.model} / {run.method.label} / {run.budget.label}: {error}"
+    return problems
+
+
+def execute_runs(config: SweepConfig, output_dir: Path, runs: list[Run], cache: ModelCache,
+                 emit: Callable[[Outcome], None]) -> list[Outcome]:
+    """A worker's runs in order. Each model's methods and budgets are checked against its tower
+    when it loads: a problem with the first model is an error before anything runs; with a later
+    one, its impossible runs fail with the reason and the rest go on."""
+    outcomes, checked = [], {}
+
+    def record(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        emit(outcome)
+
+    for run in runs:
+        if run.model not in checked:
+            problems = budget_problems(config, cache, [r for r in runs if r.model == run.model])
+            if problems and not outcomes:
+                first = next(iter(problems.values()))
+                more = f" (and {len(problems) - 1} more runs)" if len(problems) > 1 else ""
+                raise ValueError(f"{first}{more}: fix the config's methods or budgets; nothing was run")
+            checked[run.model] = problems
+        if run.id in checked[run.model]:
+            record(Outcome(run.id, "failed", error=checked[run.model][run.id]))
+            continue
+        record(execute_run(run, config, Path(output_dir), cache))
+    return outcomes
+
+
 def run_shard(config: SweepConfig, output_dir: str, runs: list[Run], device: str, queue=None) -> list[Outcome]:
     """A worker: one model cache, its runs in order. Picklable (multiprocessing, submitit)."""
-    cache = ModelCache(resolve_device(device))
-    outcomes = []
-    for run in runs:
-        outcome = execute_run(run, config, Path(output_dir), cache)
-        outcomes.append(outcome)
-        if queue is not None:
-            queue.put(outcome)
-    return outcomes
+    emit = queue.put if queue is not None else (lambda outcome: None)
+    try:
+        return execute_runs(config, Path(output_dir), runs, ModelCache(resolve_device(device)), emit)
+    except ValueError as error:  # this worker's first model cannot serve its runs
+        outcomes = [Outcome(run.id, "failed", error=str(error)) for run in runs]
+        for outcome in outcomes:
+            emit(outcome)
+        return outcomes
 
 
 def run_local(
@@ -49,13 +91,7 @@ def run_local(
     if config.executor.accelerate:
         return run_accelerate(config, output_dir, runs, on_outcome)
     if len(devices) == 1:
-        cache = ModelCache(resolve_device(devices[0]))
-        outcomes = []
-        for run in runs:
-            outcome = execute_run(run, config, output_dir, cache)
-            on_outcome(outcome)
-            outcomes.append(outcome)
-        return outcomes
+        return execute_runs(config, output_dir, runs, ModelCache(resolve_device(devices[0])), on_outcome)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     workers = [
