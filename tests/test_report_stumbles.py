@@ -222,3 +222,13 @@ def test_figures_still_written_when_runs_are_complete(smoke):
     assert {"retention.png", "retention.pdf", "pareto.png", "latency.png", "memory.png"} <= names
     assert all(p.is_file() for p in report.figures) and set(report.figures) <= set(report.paths)
     assert not math.isnan(pd.read_csv(smoke / "report" / "table.csv")["Avg"].iloc[0])
+
+
+def test_figures_average_leaves_out_the_same_benchmarks(smoke):
+    from visionzip_eval.report.plots import _avg_retention, _cell_means
+
+    means = _cell_means(load_results(smoke), TableOptions(paper=False))
+    assert set(means[means["at_chance"]]["benchmark"]) == {"VideoMME"}
+    avg = _avg_retention(means[means["model"] == MODEL])
+    vz = avg[(avg["method"] == "visionzip") & (avg["budget"] == "64")].iloc[0]
+    assert vz["retention"] == pytest.approx(100 * np.mean([0.36 / 0.40, 45 / 50, 540 / 600, 0.65 / 0.70]))

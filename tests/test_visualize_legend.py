@@ -78,14 +78,15 @@ def test_sheet_has_a_legend_strip_above_the_panels(budgets):
 
 
 def test_captions_keep_their_spaces():
-    from visionzip_eval.visualize import ATTENTION_TITLE
-
-    assert ATTENTION_TITLE.startswith("CLS attention ")
     sheet = np.asarray(render([_view()]))
     height = sheet.shape[0]
-    caption = sheet[height - PANEL - OLD_CAPTION: height - PANEL, :PANEL]
+    caption = sheet[height - PANEL - OLD_CAPTION: height - PANEL, :PANEL]  # over the attention panel
     gaps = _ink_gaps(caption)
     # every space between words shows as a visible gap (PIL's default 10 px font draws ~2 px)
-    words = ATTENTION_TITLE.split(" ")
+    words = "CLS attention at layer -2 (bright = high)".split(" ")
     assert sum(g >= 4 for g in gaps) == len(words) - 1, gaps
     assert gaps[2] >= 4 > max(gaps[:2])  # C|L, L|S tight; "CLS attention" apart
+
+    from visionzip_eval.visualize import ATTENTION_TITLE
+
+    assert ATTENTION_TITLE.split(" ") == words

@@ -137,8 +137,8 @@ class VisionZipLMM(lmms):
                 model=self.pretrained,
                 method="none" if self.budget.is_full else self.method.label,  # as the sweep names runs
                 budget=self.budget.label,
-                dominant=self.budget.dominant,
-                contextual=self.budget.contextual,
+                dominant=getattr(reducer, "dominant", None),  # VisionZip's split; other methods have none
+                contextual=getattr(reducer, "contextual", None),
                 tokens_per_image=self.engine.tokens_per_image,
                 device=str(self._device),
                 dtype=str(self.dtype).replace("torch.", ""),

@@ -162,7 +162,9 @@ def plot_retention(results: Results, directory: Path, options: TableOptions = Ta
             continue
         ax.set_title(
             ("Average over benchmarks" if panel == "Avg" else (B.get(panel).name if B.get(panel) else panel))
-            + ("" if use_retention else "\n(raw score: the full-budget score is 0)"),
+            + ("" if use_retention else "\n(raw score: the full-budget score is 0)")
+            + ("\n(at chance at full budget: left out of the average)"
+               if panel != "Avg" and means[means["benchmark"] == panel]["at_chance"].all() else ""),
             fontsize=10,
         )
         ax.set_xlabel("visual tokens per image (log scale)")
