@@ -100,3 +100,24 @@ def test_noisy_runs_are_flagged_from_their_probes(tmp_path):
     assert "matmul probe at 0.40x the median" in runs.loc[VZ64.format(task="gqa"), "noise"]
     assert "other processes used 80% of the cores" in runs.loc[VZ64.format(task="mme"), "noise"]
     assert not runs.drop([VZ64.format(task="gqa"), VZ64.format(task="mme")])["noisy"].any()
+
+
+def test_efficiency_table_marks_noisy_speedups(tmp_path):
+    from visionzip_eval.report.tables import NOISY_MARK, efficiency_tables
+
+    root = make_results(tmp_path / "sweep", problems=False, device="cpu")
+    quiet = efficiency_tables(load_results(root))
+    assert quiet and not any(NOISY_MARK in label for b in quiet for label in b.frame["label"])
+    assert not any(NOISY_MARK in note for b in quiet for note in b.notes)
+
+    path = root / "runs" / VZ64.format(task="pope") / "run.json"
+    info = json.loads(path.read_text())
+    info["machine"] = quiet_machine(other_cpu_share=0.6)
+    path.write_text(json.dumps(info))
+    blocks = efficiency_tables(load_results(root))
+    marked = [(b.title, row["label"], row["budget"]) for b in blocks for _, row in b.frame.iterrows()
+              if NOISY_MARK in row["label"]]
+    # the VisionZip 64 row of each table that holds that run's requests, and no other row
+    assert sorted(marked) == [(f"llava-1.5-7b: {scope}", f"VisionZip {NOISY_MARK}", "64")
+                              for scope in ("all image tasks", "pope")]
+    assert any("other processes used 60% of the cores" in note for b in blocks for note in b.notes)

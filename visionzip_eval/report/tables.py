@@ -446,6 +446,7 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
 
 EFFICIENCY_COLUMNS = [
     Column("tokens", "Visual tokens", "int", None),
+    Column("prefill_p10", "Prefill ms p10", "ms", "min"),
     Column("prefill_p50", "Prefill ms p50", "ms", "min"),
     Column("prefill_p90", "Prefill ms p90", "ms", "min"),
     Column("ttft_p50", "TTFT ms p50", "ms", "min"),
@@ -462,7 +463,12 @@ EFFICIENCY_COLUMNS = [
 ]
 
 
-def _efficiency_rows(requests: pd.DataFrame, full_tokens: float) -> list[dict]:
+NOISY_MARK = "†"
+
+
+def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str, str] | None = None) -> list[dict]:
+    """One row per (method, budget); ``noise``: run id -> why its timing is noisy."""
+    noise = noise or {}
     rows = []
     for (method, budget), reqs in requests.groupby(["method", "budget"], sort=False):
         measured = reqs[reqs["measured"]]
@@ -473,31 +479,37 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float) -> list[dict]:
             series = pd.to_numeric(series, errors="coerce").dropna()
             return float(series.median()) if len(series) else math.nan
 
-        def p90(series):
+        def pct(series, q):
             series = pd.to_numeric(series, errors="coerce").dropna()
-            return float(np.percentile(series.to_numpy(dtype=float), 90)) if len(series) else math.nan
+            return float(np.percentile(series.to_numpy(dtype=float), q)) if len(series) else math.nan
 
         total = reqs["budget_total"].iloc[0]
         rows.append(dict(
             method=method, budget=budget, budget_total=total,
             tokens=med(measured["tokens_per_image"]) if len(measured) else med(reqs["tokens_per_image"]),
-            prefill_p50=med(measured["prefill_ms"]), prefill_p90=p90(measured["prefill_ms"]),
+            prefill_p10=pct(measured["prefill_ms"], 10), prefill_p50=med(measured["prefill_ms"]),
+            prefill_p90=pct(measured["prefill_ms"], 90),
             ttft_p50=med(measured["ttft_ms"]),
             decode_per_token_p50=med(measured["decode_ms_per_token"]),
-            e2e_p50=med(measured["total_ms"]), e2e_p90=p90(measured["total_ms"]),
+            e2e_p50=med(measured["total_ms"]), e2e_p90=pct(measured["total_ms"], 90),
             total_s=float(measured["total_ms"].sum()) / 1e3 if len(measured) else math.nan,
             peak_gib=med(measured["peak_memory_bytes"]) / 2**30,
             tflops=med(flops / 1e12),
             requests=float(len(measured)), failed=float(reqs["error"].notna().sum()),
+            noise=sorted({noise[r] for r in reqs["run_id"].dropna().unique() if r in noise}),
         ))
     full = [r for r in rows if r["budget"] == "full"]
     for row in rows:
         row["prefill_speedup"] = full[0]["prefill_p50"] / row["prefill_p50"] if full and row["prefill_p50"] else math.nan
         row["e2e_speedup"] = full[0]["e2e_p50"] / row["e2e_p50"] if full and row["e2e_p50"] else math.nan
+        # a speed-up is as trustworthy as the noisier of its two measurements
+        row["noisy"] = bool(row["noise"] or (full and full[0]["noise"]))
     rows.sort(key=lambda r: (-_group_key(r["budget"], r["budget_total"]), B.method_sort_key(r["method"])))
     for row in rows:
         row["group"] = _group_title(row["tokens"], full_tokens, row["budget"] == "full")
         row["label"] = _row_label(row["method"], row["budget"], row["budget_total"])
+        if row["noisy"]:
+            row["label"] += f" {NOISY_MARK}"
         row["source"] = "measured"
     return rows
 
@@ -528,11 +540,12 @@ def efficiency_tables(results: Results) -> list[TableBlock]:
     if requests.empty:
         return blocks
     runs = results.runs
+    noise = {r["run_id"]: r["noise"] for _, r in runs[runs["noisy"]].iterrows()}
     for model, scope, reqs in efficiency_scopes(requests):
         mruns = runs[runs["model"] == model]
         full_tokens = mruns["full_tokens_per_image"].dropna()
         full_tokens = float(full_tokens.iloc[0]) if len(full_tokens) else math.nan
-        rows = _efficiency_rows(reqs, full_tokens)
+        rows = _efficiency_rows(reqs, full_tokens, noise)
         frame = pd.DataFrame(rows)
         frame.insert(0, "model", model)
         frame.insert(1, "scope", scope)
@@ -549,8 +562,17 @@ def efficiency_tables(results: Results) -> list[TableBlock]:
             "Over measured requests (warm-up and failed requests left out; failed ones counted). "
             "Visual tokens: per image (per frame for video). Decode ms/token: decode time over the "
             "tokens generated after the first. Total time: sum of end-to-end times. TFLOPs: vision tower + "
-            "LLM prefill, per request (decode not counted). Speed-ups: full-budget median / this row's median."
+            "LLM prefill, per request (decode not counted). Speed-ups: full-budget median / this row's median, "
+            "both from this sweep."
         ]
+        noisy = [row for row in rows if row["noisy"]]
+        if noisy:
+            reasons = sorted({reason for row in rows for reason in row["noise"]})
+            notes.append(
+                f"{NOISY_MARK} Timed on a noisy machine ({'; '.join(reasons)}), this row or its full-budget "
+                "reference: its times and speed-ups are not to be trusted. `visionzip-eval sweep CONFIG "
+                "--rerun-noisy` runs those runs again."
+            )
         if "process_peak_rss" in kinds:
             notes.append(
                 "Peak memory on CPU is the process's peak RSS, which only grows during a process: runs that "
