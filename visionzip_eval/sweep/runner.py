@@ -14,6 +14,7 @@ Folder protocol under ``OUTPUT/runs/``:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
@@ -38,6 +39,15 @@ class Outcome:
     status: str  # ok, failed, skipped (already complete), busy (another sweep holds it)
     seconds: float = 0.0
     error: str | None = None
+
+
+@functools.cache
+def task_manager(include_path: str | None):
+    """lmms-eval's task index for ``include_path``, built once per process: building it reads
+    every task YAML lmms-eval ships (seconds; most of a small run's time when built per run)."""
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager("WARNING", include_path=include_path)
 
 
 def _loguru_handlers(logger) -> set[int]:
@@ -105,7 +115,6 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
     from lmms_eval import evaluator
     from lmms_eval.loggers import EvaluationTracker
     from lmms_eval.utils import get_datetime_str
-    from lmms_eval.tasks import TaskManager
 
     from visionzip_eval.lmms.adapter import VisionZipLMM
     from visionzip_eval.lmms.results import check_results
@@ -134,7 +143,7 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
             limit=run.limit,
             log_samples=options.log_samples,
             evaluation_tracker=tracker,
-            task_manager=TaskManager("WARNING", include_path=config.include_path),
+            task_manager=task_manager(config.include_path),
             gen_kwargs=options.gen_kwargs,
             bootstrap_iters=options.bootstrap_iters,
             random_seed=run.seed,
