@@ -83,7 +83,9 @@ def test_cli_visualize_writes_a_picture(tmp_path, capsys):
     assert main(["visualize", str(image), "--budget", "128,64", "--out", str(out)]) == 0
     from PIL import Image
 
-    assert Image.open(out).size == (3 * 336 + 2 * 8, 336 + 28)
+    from visionzip_eval.visualize import CAPTION_HEIGHT
+
+    assert Image.open(out).size == (3 * 336 + 2 * 8, 336 + CAPTION_HEIGHT)  # two budgets + attention map
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"nope")
     assert main(["visualize", str(broken)]) == 2

@@ -13,29 +13,27 @@ from pathlib import Path
 # imports what it needs when it runs).
 
 
-def _ensure_writable(directory: str | Path, what: str) -> None:
+def _ensure_writable(directory: str | Path, what: str, fix: str = "pass a folder you can write to") -> None:
     """ValueError (one line) unless ``directory`` is a folder this process can write into, or
     one it can create. Checked before any model loads; leaves nothing behind (the probe is a
     temporary folder, removed at once) and touches nothing that exists."""
     path = Path(directory)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path}: that is a file, not a folder: pass a folder you can write to")
+        raise ValueError(f"{what} {path}: that is a file, not a folder: {fix}")
     existing = path
     while not existing.exists():
         if existing.is_symlink():
-            raise ValueError(f"{what} {path}: {existing} is a broken link: pass a folder you can write to")
+            raise ValueError(f"{what} {path}: {existing} is a broken link: {fix}")
         if existing.parent == existing:
             break
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what} {path}: {existing} is a file, not a folder: pass a folder you can write to")
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder: {fix}")
     try:
         probe = tempfile.mkdtemp(prefix=".visionzip-eval-write-check-", dir=existing)
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise ValueError(
-            f"{what} {path}: cannot write in {existing} ({reason}): pass a folder you can write to"
-        ) from None
+        raise ValueError(f"{what} {path}: cannot create folders in {existing} ({reason}): {fix}") from None
     os.rmdir(probe)
 
 
@@ -128,11 +126,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from visionzip_eval.report import TableOptions, write_report
-
     from visionzip_eval.report.build import REPORT_DIR
 
     if Path(args.results).is_dir():  # a missing one gets the report's own error
-        _ensure_writable(Path(args.results) / REPORT_DIR, "report folder")
+        _ensure_writable(Path(args.results) / REPORT_DIR, "report folder",
+                         f"the report goes to RESULTS/{REPORT_DIR}/: move that away, or make RESULTS writable")
     options = TableOptions(pope_metric=args.pope_metric, mme=args.mme, paper=not args.no_paper)
     report = write_report(args.results, options, plots=not args.no_plots)
     print(report.main_table)

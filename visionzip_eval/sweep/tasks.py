@@ -10,18 +10,17 @@ reads every task YAML), so it is built once per process and ``include_path``.
 from __future__ import annotations
 
 import difflib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from visionzip_eval.sweep.config import ConfigError, SweepConfig
 
 
-@lru_cache(maxsize=None)
+@cache
 def known_tasks(include_path: str | None = None) -> frozenset[str]:
     """Every name lmms-eval can run with this ``include_path``: tasks, groups and tags."""
-    from loguru import logger
-
     from lmms_eval.tasks import TaskManager
+    from loguru import logger
 
     logger.disable("lmms_eval")  # the index logs a DEBUG line per YAML it cannot read as a task
     try:
@@ -43,11 +42,14 @@ def check_tasks(config: SweepConfig, source: str | None = None) -> None:
     if not unknown:
         return
     known = sorted(known_tasks(config.include_path))
-    parts = []
-    for task in unknown:
-        close = difflib.get_close_matches(task, known, n=3)
-        parts.append(f"'{task}'" + (f": did you mean {' or '.join(close)}?" if close else ""))
-    what = "unknown task " if len(unknown) == 1 else "unknown tasks "
+    guesses = {task: difflib.get_close_matches(task, known, n=1) for task in unknown}
+    if len(unknown) == 1:
+        task = unknown[0]
+        what = f"unknown task '{task}'" + (f": did you mean {guesses[task][0]}?" if guesses[task] else "")
+    else:
+        what = "unknown tasks " + ", ".join(
+            f"'{task}'" + (f" (did you mean {guesses[task][0]}?)" if guesses[task] else "") for task in unknown
+        )
     if config.include_path is None:
         where = "include_path, which this config does not set"
     elif not Path(config.include_path).is_dir():
@@ -55,6 +57,6 @@ def check_tasks(config: SweepConfig, source: str | None = None) -> None:
     else:
         where = f"include_path {config.include_path}"
     raise ConfigError(
-        f"{source or f'sweep {config.name}'}: {what}{'; '.join(parts)} "
+        f"{source or f'sweep {config.name}'}: {what} "
         f"(tasks come from lmms-eval and {where}; fix the name or add its YAML under include_path)"
     )
