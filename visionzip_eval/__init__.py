@@ -64,7 +64,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from visionzip_eval.apply import applied_reducer, remove_reduction, tokens_per_image, visionzip_processor
+    from visionzip_eval.apply import (
+        applied_reducer,
+        remove_reduction,
+        tokens_per_image,
+        visionzip_processor,
+    )
     from visionzip_eval.budget import Budget
     from visionzip_eval.methods import (
         MethodSpec,
