@@ -28,3 +28,30 @@ def test_method_without_its_signal_is_refused_before_any_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "ov / fastervlm / 32: method 'fastervlm' ranks patches by the [CLS] token's attention" in err
     assert "\n" not in err
+
+
+def test_rerun_noisy_runs_only_the_noisy_complete_runs(tmp_path, capsys):
+    import json
+
+    from visionzip_eval.records import read_run_json
+    from visionzip_eval.report.synthetic import quiet_machine
+    from visionzip_eval.sweep import load_config, plan, run_sweep
+
+    config = load_config(write_config(tmp_path, tasks=["visionzip_smoke_pope"], limit=2))
+    assert run_sweep(config, progress=False).counts["ok"] == 2
+    runs_dir = tmp_path / "out" / "runs"
+    full, reduced = plan(config)
+    for run, machine in ((full, quiet_machine()), (reduced, quiet_machine(other_cpu_share=0.7))):
+        info = read_run_json(runs_dir / run.id)
+        info["machine"] = machine
+        (runs_dir / run.id / "run.json").write_text(json.dumps(info))
+    before = read_run_json(runs_dir / reduced.id)["finished"]
+
+    assert run_sweep(config, progress=False).counts == {}  # complete: nothing to do without the flag
+    summary = run_sweep(config, progress=False, rerun_noisy=True)
+    assert summary.rerun_noisy == 1 and [o.run_id for o in summary.outcomes] == [reduced.id]
+    assert "1 noisy ones run again" in summary.describe()
+    again = read_run_json(runs_dir / reduced.id)
+    assert again["status"] == "ok" and again["finished"] > before
+    assert read_run_json(runs_dir / full.id)["machine"] == quiet_machine()  # the quiet run was left alone
+    assert sorted(p.name for p in runs_dir.iterdir()) == sorted([full.id, reduced.id])  # no leftovers

@@ -115,7 +115,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(format_plan(runs))
         return 0
     summary = run_sweep(config, output_dir, progress=not args.quiet,
-                        slurm_cluster="debug" if args.slurm_debug else None)
+                        slurm_cluster="debug" if args.slurm_debug else None, rerun_noisy=args.rerun_noisy)
     print(f"sweep {config.name} in {output_dir}: {summary.describe()}")
     if summary.failed:
         print("re-run the same command to retry the failed runs; each run's log is runs/<run>/run.log",
@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--slurm-debug", action="store_true",
                    help="with executor kind slurm: run the jobs here through submitit's debug executor")
+    p.add_argument("--rerun-noisy", action="store_true",
+                   help="also run again the complete runs timed on a noisy machine (other processes busy, or "
+                   "the calibration probe off the sweep's median by over 30%%: the report marks them); each "
+                   "old result is replaced only once its new one has landed")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(

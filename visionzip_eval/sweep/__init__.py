@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from visionzip_eval.sweep.config import ConfigError, SweepConfig, load_config
 from visionzip_eval.sweep.plan import Run, format_plan, plan
-from visionzip_eval.sweep.runner import Outcome, is_complete
+from visionzip_eval.sweep.runner import Outcome, is_complete, noisy_runs
 from visionzip_eval.sweep.tasks import check_tasks
 
 
@@ -22,6 +22,7 @@ class SweepSummary:
     planned: int
     already_complete: int
     outcomes: list[Outcome] = field(default_factory=list)
+    rerun_noisy: int = 0  # complete runs run again because they were timed on a noisy machine
 
     @property
     def counts(self) -> Counter:
@@ -34,6 +35,8 @@ class SweepSummary:
     def describe(self) -> str:
         counts = self.counts
         parts = [f"{self.planned} planned", f"{self.already_complete} already complete (skipped)"]
+        if self.rerun_noisy:
+            parts.append(f"{self.rerun_noisy} noisy ones run again")
         parts += [f"{counts[k]} {k}" for k in ("ok", "failed", "busy", "skipped") if counts.get(k)]
         lines = [", ".join(parts)]
         for outcome in self.failed:
@@ -43,14 +46,18 @@ class SweepSummary:
 
 
 def run_sweep(config: SweepConfig, output_dir: str | Path | None = None, progress: bool = True,
-              slurm_cluster: str | None = None) -> SweepSummary:
+              slurm_cluster: str | None = None, rerun_noisy: bool = False) -> SweepSummary:
+    """Run what is not complete yet; with ``rerun_noisy`` also the complete runs timed on a noisy
+    machine (each is replaced only once its new attempt has landed)."""
     from visionzip_eval.sweep.executors import run_local, run_slurm
 
     output_dir = Path(output_dir or config.output_dir)
     runs = plan(config)
     check_tasks(config)  # an unknown task is a one-line error here, not a KeyError per run after the model loads
-    todo = [run for run in runs if not is_complete(output_dir, run)]
-    summary = SweepSummary(planned=len(runs), already_complete=len(runs) - len(todo))
+    noisy = noisy_runs(output_dir, runs) if rerun_noisy else {}
+    todo = [replace(run, redo=True) if run.id in noisy else run
+            for run in runs if run.id in noisy or not is_complete(output_dir, run)]
+    summary = SweepSummary(planned=len(runs), already_complete=len(runs) - len(todo), rerun_noisy=len(noisy))
     if not todo:
         return summary
     # file= binds the real stderr now: each run redirects stderr into its own run.log.

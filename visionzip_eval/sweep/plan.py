@@ -22,6 +22,7 @@ class Run:
     task: str
     limit: int | None
     seed: int
+    redo: bool = False  # run again even if complete (``--rerun-noisy``); not part of the identity
 
     @property
     def id(self) -> str:

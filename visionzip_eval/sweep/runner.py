@@ -14,7 +14,6 @@ Folder protocol under ``OUTPUT/runs/``:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import shutil
@@ -31,6 +30,7 @@ from visionzip_eval import records
 from visionzip_eval.records import STATUS_FAILED, STATUS_OK, RunRecord, read_run_json
 from visionzip_eval.sweep.config import ModelSpec, SweepConfig
 from visionzip_eval.sweep.plan import Run, model_spec
+from visionzip_eval.sweep.tasks import task_manager
 
 
 @dataclass
@@ -41,15 +41,6 @@ class Outcome:
     error: str | None = None
 
 
-@functools.cache
-def task_manager(include_path: str | None):
-    """lmms-eval's task index for ``include_path``, built once per process: building it reads
-    every task YAML lmms-eval ships (seconds; most of a small run's time when built per run)."""
-    from lmms_eval.tasks import TaskManager
-
-    return TaskManager("WARNING", include_path=include_path)
-
-
 def _loguru_handlers(logger) -> set[int]:
     """Ids of the loguru handlers installed now."""
     return set(logger._core.handlers)  # no public accessor; stable since loguru 0.4
@@ -57,6 +48,24 @@ def _loguru_handlers(logger) -> set[int]:
 
 def run_dir(output_dir: Path, run: Run) -> Path:
     return Path(output_dir) / "runs" / run.id
+
+
+def noisy_runs(output_dir: Path, runs: list[Run]) -> dict[str, str]:
+    """Run id -> why, for the complete runs of ``runs`` timed on a noisy machine (judged as the
+    report judges them: against the median probe of these runs)."""
+    import pandas as pd
+
+    from visionzip_eval.report.noise import flag_noisy, probe_columns
+
+    rows = []
+    for run in runs:
+        info = read_run_json(run_dir(output_dir, run))
+        if info is not None and info.get("status") == STATUS_OK:
+            rows.append(dict(run_id=run.id, device=info.get("device"), **probe_columns(info.get("machine"))))
+    if not rows:
+        return {}
+    flagged = flag_noisy(pd.DataFrame(rows))
+    return dict(zip(flagged.loc[flagged["noisy"], "run_id"], flagged.loc[flagged["noisy"], "noise"]))
 
 
 def is_complete(output_dir: Path, run: Run) -> bool:
@@ -176,7 +185,7 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
 
     output_dir = Path(output_dir)
     final = run_dir(output_dir, run)
-    if is_complete(output_dir, run):
+    if is_complete(output_dir, run) and not run.redo:
         return Outcome(run.id, "skipped")
     (output_dir / "locks").mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(output_dir / "locks" / f"{run.id}.lock"))
@@ -185,7 +194,7 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
     except Timeout:
         return Outcome(run.id, "busy")
     try:
-        if is_complete(output_dir, run):  # finished by another sweep while we waited
+        if is_complete(output_dir, run) and not run.redo:  # finished by another sweep while we waited
             return Outcome(run.id, "skipped")
         for stale in final.parent.glob(records.partial_name(run.id, "*", "*")):
             shutil.rmtree(stale, ignore_errors=True)  # we hold the lock: nobody is writing it

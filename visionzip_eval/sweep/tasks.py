@@ -17,17 +17,22 @@ from visionzip_eval.sweep.config import ConfigError, SweepConfig
 
 
 @cache
-def known_tasks(include_path: str | None = None) -> frozenset[str]:
-    """Every name lmms-eval can run with this ``include_path``: tasks, groups and tags."""
+def task_manager(include_path: str | None = None):
+    """lmms-eval's task index for ``include_path``, built once per process and shared by the
+    name check and every run of the process (built per run, it was most of a small run's time)."""
     from lmms_eval.tasks import TaskManager
     from loguru import logger
 
     logger.disable("lmms_eval")  # the index logs a DEBUG line per YAML it cannot read as a task
     try:
-        manager = TaskManager("WARNING", include_path=include_path)
+        return TaskManager("WARNING", include_path=include_path)
     finally:
         logger.enable("lmms_eval")
-    return frozenset(manager.all_tasks)
+
+
+def known_tasks(include_path: str | None = None) -> frozenset[str]:
+    """Every name lmms-eval can run with this ``include_path``: tasks, groups and tags."""
+    return frozenset(task_manager(include_path).all_tasks)
 
 
 def unknown_tasks(tasks: list[str], include_path: str | None = None) -> list[str]:
