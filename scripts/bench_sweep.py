@@ -44,10 +44,10 @@ def main() -> int:
         model_dir = save_tiny_llava(tmp / "tiny")
         start = time.perf_counter()
         for index, run in enumerate(runs):
-            method = "visionzip" if run.method == "none" else run.method
+            method = ",".join([f"method={run.method.name}"] + [f"{k}={v}" for k, v in run.method.options])
             command = [
                 sys.executable, "-m", "lmms_eval", "--model", "visionzip",
-                "--model_args", f"pretrained={model_dir},budget={run.budget},method={method},dtype=float32",
+                "--model_args", f"pretrained={model_dir},budget={run.budget.label},{method},dtype=float32",
                 "--tasks", run.task, "--include_path", config.include_path,
                 "--output_path", str(tmp / "separate" / run.id), "--log_samples", "--seed", str(run.seed),
             ]

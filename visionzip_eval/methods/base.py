@@ -24,7 +24,7 @@ Applying never patches a class (``visionzip_eval.apply`` keeps the state)::
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar, Iterator
 
 import torch
@@ -50,11 +50,6 @@ class TokenReducer:
     def from_budget(cls, budget: Budget, **options) -> TokenReducer:
         """This method at ``budget`` (a reduced one) with ``options``."""
         return cls(tokens=budget.total, **options)
-
-    @property
-    def options(self) -> dict:
-        """The method's own options (every dataclass field the budget does not set)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.budget_fields}
 
     def tokens_per_image(self, backend: VLMBackend) -> int:
         raise NotImplementedError

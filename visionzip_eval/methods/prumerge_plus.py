@@ -92,7 +92,9 @@ def fixed_kept_positions(patch_attention: torch.Tensor, tokens: int) -> torch.Te
     return torch.cat([top, remaining[:, stride]], dim=1)
 
 
-def merge_kept(patches: torch.Tensor, patch_attention: torch.Tensor, patch_keys: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def merge_kept(
+    patches: torch.Tensor, patch_attention: torch.Tensor, patch_keys: torch.Tensor, kept: torch.Tensor
+) -> torch.Tensor:
     """(B, K + 1, D): each kept patch plus its ``NEIGHBOURS`` key-nearest other patches weighted by
     raw attention, then the attention-weighted sum of the patches not kept (cl:241-279)."""
     dtype = work_dtype(patches)
@@ -128,14 +130,18 @@ class PruMergePlus(FixedCountReducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tokens < 2:
-            raise ValueError(f"PruMerge+ passes at least one kept token and the extra token: tokens >= 2, got {self.tokens}")
+            raise ValueError(
+                f"PruMerge+ passes at least one kept token and the extra token: tokens >= 2, got {self.tokens}"
+            )
 
     def check(self, backend: VLMBackend) -> None:
         require_cls_token(self, backend)
         check_patch_budget(self.tokens - 1, backend)
         rows, cols = backend.patch_grid
         if rows * cols <= NEIGHBOURS:
-            raise ValueError(f"PruMerge+ merges {NEIGHBOURS} neighbours: the tower needs more than {NEIGHBOURS} patches")
+            raise ValueError(
+                f"PruMerge+ merges {NEIGHBOURS} neighbours: the tower needs more than {NEIGHBOURS} patches"
+            )
 
     def signals(self, signals: TowerSignals, backend: VLMBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch attention (B, P), patch keys (B, P, D)) of the layer after layer L."""

@@ -39,7 +39,9 @@ from visionzip_eval.selection import Selection, gather_rows, work_dtype
 MERGE_STEP = 8  # tokens removed per pass (ARCH:163)
 
 
-def vispruner_select(patches: torch.Tensor, importance: torch.Tensor, tokens: int, important_ratio: float) -> torch.Tensor:
+def vispruner_select(
+    patches: torch.Tensor, importance: torch.Tensor, tokens: int, important_ratio: float
+) -> torch.Tensor:
     """(B, tokens) patch positions VisPruner keeps, ascending. ``patches``: (B, P, D) features;
     ``importance``: (B, P) head-mean CLS attention."""
     important = int(tokens * important_ratio)

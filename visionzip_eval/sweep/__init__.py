@@ -78,5 +78,6 @@ def run_sweep(config: SweepConfig, output_dir: str | Path | None = None, progres
 
 
 __all__ = [
-    "ConfigError", "Run", "SweepConfig", "SweepSummary", "check_tasks", "format_plan", "load_config", "plan", "run_sweep",
+    "ConfigError", "Run", "SweepConfig", "SweepSummary", "check_tasks", "format_plan", "load_config", "plan",
+    "run_sweep",
 ]
