@@ -55,3 +55,30 @@ def test_rerun_noisy_runs_only_the_noisy_complete_runs(tmp_path, capsys):
     assert again["status"] == "ok" and again["finished"] > before
     assert read_run_json(runs_dir / full.id)["machine"] == quiet_machine()  # the quiet run was left alone
     assert sorted(p.name for p in runs_dir.iterdir()) == sorted([full.id, reduced.id])  # no leftovers
+
+
+def test_loguru_handlers_added_during_a_run_do_not_outlive_its_log(tmp_path):
+    """A library that adds a loguru handler to stdout while a run's output goes to its run.log
+    (lmms-eval's models package does so on import) must not leave it writing to a closed file:
+    every later run's log then held a "Logging error ... I/O operation on closed file"."""
+    from loguru import logger
+
+    from visionzip_eval.sweep import load_config, plan
+    from visionzip_eval.sweep.runner import ModelCache, execute_run
+
+    def evaluate(run, config, cache, work):
+        logger.add(sys.stdout, level="INFO")  # stdout is this run's run.log now
+        logger.info(f"evaluating {run.id}")
+        return {"metrics": {"exact_match,none": 1.0}}
+
+    import lmms_eval.models  # noqa: F401  (its import replaces every handler: before the snapshot)
+
+    config = load_config(write_config(tmp_path, tasks=["visionzip_smoke_pope"]))
+    before = set(logger._core.handlers)
+    first, second = plan(config)
+    for run in (first, second):
+        assert execute_run(run, config, tmp_path / "out", ModelCache("cpu"), evaluate=evaluate).status == "ok"
+    logs = [(tmp_path / "out" / "runs" / run.id / "run.log").read_text() for run in (first, second)]
+    assert f"evaluating {second.id}" in logs[1]
+    assert not any("Logging error" in log or "closed file" in log for log in logs)
+    assert set(logger._core.handlers) == before
