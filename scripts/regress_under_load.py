@@ -8,7 +8,8 @@ baseline while busy-loop processes occupy every core, then the same quiet, both 
 Prints, for each condition, the sweep's wall time, the regress verdict and counts, and how many
 runs the report marks noisy; exits 1 if the loaded gate fails. Latency is gated as ratios to the
 sweep's own full-budget runs (baselines/README.md), so a machine slowed everywhere must pass.
-Wrap a whole `.ci/run` the same way with `--command "bash .ci/run"`.
+Wrap a whole `.ci/run` the same way: from a clean clone, `python PATH/TO/regress_under_load.py
+--command "bash .ci/run"` (the command runs in the current directory).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def burn(stop_at: float) -> None:
             x = (x * 1103515245 + 12345) & 0x7FFFFFFF
 
 
-def run(command: list[str], env: dict) -> tuple[int, float, str]:
+def run(command: list[str], env: dict, cwd: Path = REPO) -> tuple[int, float, str]:
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     return done.returncode, time.perf_counter() - start, done.stdout + done.stderr
 
 
@@ -74,7 +75,7 @@ def main() -> int:
         process.start()
     try:
         if args.command:
-            code, seconds, log = run(shlex.split(args.command), env)
+            code, seconds, log = run(shlex.split(args.command), env, cwd=Path.cwd())  # e.g. a clean clone
             print(log[-4000:])
             print(f"loaded ({args.burners} burners): `{args.command}` exit {code} in {seconds:.0f} s")
             return code
