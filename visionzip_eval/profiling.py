@@ -190,6 +190,7 @@ def machine_probe(device: torch.device | str = "cpu", repeats: int = 7) -> dict:
     target = torch.empty_like(source)
 
     def best(fn) -> float:
+        fn()  # untimed: first-touch page faults and allocator warm-up are not machine speed
         times = []
         for _ in range(repeats):
             clock = StageClock(device)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from visionzip_eval.report import benchmarks as B
 from visionzip_eval.report.collect import Results
+from visionzip_eval.report.noise import noise_summary
 from visionzip_eval.report.paper import (
     MME_NOTE, PAPER_MARK, PAPER_NOTE, paper_efficiency_rows, paper_rows,
 )
@@ -565,13 +566,12 @@ def efficiency_tables(results: Results) -> list[TableBlock]:
             "LLM prefill, per request (decode not counted). Speed-ups: full-budget median / this row's median, "
             "both from this sweep."
         ]
-        noisy = [row for row in rows if row["noisy"]]
-        if noisy:
-            reasons = sorted({reason for row in rows for reason in row["noise"]})
+        if any(row["noisy"] for row in rows):
+            flagged = runs[runs["noisy"] & runs["run_id"].isin(set(reqs["run_id"].dropna()))]
             notes.append(
-                f"{NOISY_MARK} Timed on a noisy machine ({'; '.join(reasons)}), this row or its full-budget "
-                "reference: its times and speed-ups are not to be trusted. `visionzip-eval sweep CONFIG "
-                "--rerun-noisy` runs those runs again."
+                f"{NOISY_MARK} This row or its full-budget reference was timed on a noisy machine "
+                f"({noise_summary(flagged)}): its times and speed-ups are not to be trusted. "
+                "`visionzip-eval sweep CONFIG --rerun-noisy` runs those runs again."
             )
         if "process_peak_rss" in kinds:
             notes.append(
