@@ -137,3 +137,12 @@ def test_leaving_any_method_restores_outputs(tiny):
         assert hooks(model) == before, name
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, want)
+
+
+def test_report_names_show_non_default_options():
+    from visionzip_eval.report.benchmarks import method_name, method_sort_key
+
+    assert method_name("vispruner") == "VisPruner"
+    assert method_name("vispruner,important_ratio=0.25") == "VisPruner (important_ratio=0.25)"
+    assert method_name("none") == "Vanilla" and method_name("fastv") == "FastV"  # published-only rows
+    assert method_sort_key("visionzip,merge=average")[0] == method_sort_key("visionzip")[0]
