@@ -76,7 +76,8 @@ def main() -> int:
     try:
         if args.command:
             code, seconds, log = run(shlex.split(args.command), env, cwd=Path.cwd())  # e.g. a clean clone
-            print(log[-4000:])
+            lines = [line for line in log.splitlines() if not line.startswith("WARNING: Location")]  # pip's noise
+            print("\n".join(lines[-80:]))
             print(f"loaded ({args.burners} burners): `{args.command}` exit {code} in {seconds:.0f} s")
             return code
         loaded = gate(args.config, args.baseline, env)

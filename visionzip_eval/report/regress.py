@@ -21,6 +21,11 @@ limit, seed), against the same ratio in the baseline; the allowed change is
 ``max(rel, spread * s) * baseline ratio``, where ``s`` is the larger relative spread
 ``(p90 - p10) / median`` over the requests of the run and of its full-budget run, so a noisier
 measurement gets a wider gate. The full-budget run itself is the reference and is not gated.
+
+Latency is never gated on a run the report marks noisy (``report/noise.py``: other processes
+took over a quarter of the cores, or the machine's calibration probe moved), nor on a ratio
+whose full-budget reference is noisy: those checks say ``noisy`` with the reason, and count
+neither as passed nor as failed. Scores, counts, FLOPs and memory are gated as always.
 """
 
 from __future__ import annotations
@@ -147,7 +152,8 @@ def current_values(results: Results) -> dict[str, dict]:
                 values[check] = _number(first[check])
                 if RUN_CHECKS[check] == "latency":
                     spreads[check] = _spread(first, check)
-        entry = dict(status=first["status"], error=first["error"], values=values, spreads=spreads, path=path)
+        entry = dict(status=first["status"], error=first["error"], values=values, spreads=spreads, path=path,
+                     noise=first["noise"] if bool(first["noisy"]) else "")
         if key in out and out[key]["status"] == STATUS_OK and first["status"] != STATUS_OK:
             continue  # a partial retry beside a complete run: the complete one counts
         out[key] = entry
@@ -279,7 +285,7 @@ class Check:
     run: str
     name: str
     kind: str
-    status: str  # pass, fail, new
+    status: str  # pass, fail, new (not in the baseline), noisy (latency timed on a noisy machine)
     baseline: float | None = None
     current: float | None = None
     allowed: float | None = None  # on the compared scale
@@ -361,6 +367,13 @@ def compare(results: Results, baseline: dict) -> list[Check]:
                 continue
             cur = entry["values"][name]
             tol = tolerance_for(name, tolerances)
+            if kind == "latency":
+                full = current.get(full_run_key(key)) if tol.get("relative_to") == "full" else None
+                noise = entry["noise"] or (full or {}).get("noise", "")
+                if noise:
+                    checks.append(Check(key, name, kind, "noisy", current=_number(cur),
+                                        message=f"not gated: timed on a noisy machine ({noise})"))
+                    continue
             if tol.get("relative_to") == "full":
                 full_key = full_run_key(key)
                 if full_key == key:
@@ -411,15 +424,16 @@ def format_checks(checks: list[Check], only_failures: bool = False) -> str:
 
 
 def summary_line(checks: list[Check]) -> str:
-    counts = {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "new")}
+    counts = {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "new", "noisy")}
     verdict = "FAILED" if counts["fail"] else "PASSED"
     return (f"regress {verdict}: {len(checks)} checks, {counts['pass']} passed, {counts['fail']} failed, "
-            f"{counts['new']} new (not in the baseline, not gated)")
+            f"{counts['new']} new (not in the baseline, not gated)"
+            + (f", {counts['noisy']} latency checks not gated (timed on a noisy machine)" if counts["noisy"] else ""))
 
 
 def junit_xml(checks: list[Check], baseline_path: str, results_dir: str) -> ET.ElementTree:
     failures = sum(c.failed for c in checks)
-    skipped = sum(c.status == "new" for c in checks)
+    skipped = sum(c.status in ("new", "noisy") for c in checks)
     attrs = dict(name="visionzip-eval regress", tests=str(len(checks)), failures=str(failures),
                  errors="0", skipped=str(skipped))
     suites = ET.Element("testsuites", attrs)
@@ -433,7 +447,7 @@ def junit_xml(checks: list[Check], baseline_path: str, results_dir: str) -> ET.E
             failure = ET.SubElement(case, "failure", message=c.message, type=f"regression:{c.kind}")
             failure.text = (f"run {c.run}\ncheck {c.name} ({c.kind})\nbaseline {_fmt(c.baseline)}\n"
                             f"current {_fmt(c.current)}\n{c.message}")
-        elif c.status == "new":
+        elif c.status in ("new", "noisy"):
             ET.SubElement(case, "skipped", message=c.message)
     ET.indent(suites)
     return ET.ElementTree(suites)
