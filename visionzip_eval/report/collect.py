@@ -21,7 +21,7 @@ from visionzip_eval import records
 from visionzip_eval.budget import Budget
 from visionzip_eval.records import IDENTITY, STATUS_FAILED, STATUS_INCOMPLETE, STATUS_OK
 from visionzip_eval.report.benchmarks import benchmark_key, metric_scale
-from visionzip_eval.report.noise import flag_noisy, probe_columns
+from visionzip_eval.noise import flag_noisy, probe_columns
 
 # Columns of the tidy frame, in order (see README of the report module / the report's notes).
 COLUMNS = [

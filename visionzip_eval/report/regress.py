@@ -22,7 +22,7 @@ limit, seed), against the same ratio in the baseline; the allowed change is
 ``(p90 - p10) / median`` over the requests of the run and of its full-budget run, so a noisier
 measurement gets a wider gate. The full-budget run itself is the reference and is not gated.
 
-Latency is never gated on a run the report marks noisy (``report/noise.py``: other processes
+Latency is never gated on a run the report marks noisy (``visionzip_eval.noise``: other processes
 took over a quarter of the cores, or the machine's calibration probe moved), nor on a ratio
 whose full-budget reference is noisy: those checks say ``noisy`` with the reason, and count
 neither as passed nor as failed. Scores, counts, FLOPs and memory are gated as always.

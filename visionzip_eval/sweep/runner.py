@@ -55,7 +55,7 @@ def noisy_runs(output_dir: Path, runs: list[Run]) -> dict[str, str]:
     report judges them: against the median probe of these runs)."""
     import pandas as pd
 
-    from visionzip_eval.report.noise import flag_noisy, probe_columns
+    from visionzip_eval.noise import flag_noisy, probe_columns
 
     rows = []
     for run in runs:

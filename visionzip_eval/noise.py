@@ -1,4 +1,5 @@
-"""Which runs were timed on a noisy machine.
+"""Which runs were timed on a noisy machine (read by the report, which marks them, and by the
+sweep, which reruns them on request).
 
 Each run records a calibration probe before and after it (``profiling.machine_probe``: a fixed
 matmul and memory copy, and the CPU time other processes took meanwhile). A run is *noisy*
