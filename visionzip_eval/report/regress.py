@@ -84,7 +84,9 @@ CPU_TOLERANCES: dict = {
         "visual-token counts, sample counts and FLOPs (functions of the token counts) are gated tightly. "
         "Absolute latency on shared CI runners varies several-fold with load, so latency is gated as each "
         "run's ratio to its own sweep's full-budget run (the same machine at the same time), allowed to grow "
-        "by 50% or by twice the measured relative spread (p90 - p10) / median, whichever is larger; peak "
+        "fourfold (the tiny models' timings are a few ms of mostly fixed overhead: on a quiet machine one "
+        "budget's ratios moved by up to 90% between sweeps) or by twice the measured relative spread "
+        "(p90 - p10) / median, whichever is larger, so it catches gross regressions only; peak "
         "memory (the process's peak RSS, which depends on what ran before in the process) as its ratio to "
         "the full-budget run, allowed to double."
     ),
@@ -92,7 +94,7 @@ CPU_TOLERANCES: dict = {
     "tokens": {"exact": True},
     "count": {"exact": True},
     "flops": {"rel": 0.001, "direction": "both"},
-    "latency": {"relative_to": "full", "rel": 0.5, "spread": 2.0, "direction": "upper"},
+    "latency": {"relative_to": "full", "rel": 3.0, "spread": 2.0, "direction": "upper"},
     "memory": {"relative_to": "full", "rel": 1.0, "direction": "upper"},
     "metrics": {
         "mme_perception_score": {"abs": 1.0},
