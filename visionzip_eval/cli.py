@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with executor kind slurm: run the jobs here through submitit's debug executor")
     p.add_argument("--rerun-noisy", action="store_true",
                    help="also run again the complete runs timed on a noisy machine (other processes busy, or "
-                   "the calibration probe off the sweep's median by over 30%%: the report marks them); each "
+                   "the calibration probe off the sweep's median by over 40%%: the report marks them); each "
                    "old result is replaced only once its new one has landed")
     p.set_defaults(func=_cmd_sweep)
 
