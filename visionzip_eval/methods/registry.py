@@ -15,9 +15,9 @@ from typing import Any, Callable, Literal
 
 from visionzip_eval.budget import Budget
 from visionzip_eval.methods.base import NoReduction, TokenReducer
+from visionzip_eval.records import FULL_METHOD as NONE  # the label of full-budget runs
 
 KINDS = ("pre-llm", "in-llm")
-NONE = "none"  # the method label of full-budget runs (no reduction, whatever the method)
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,8 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
 
         from visionzip_eval.profiling import machine_probe, machine_record
 
-        probe = machine_probe(cache.device if cache.device != "launcher" else "cpu")
+        probe_device = cache.device if cache.device != "launcher" else "cpu"  # accelerate: runs elsewhere
+        probe = machine_probe(probe_device)
         started = time.time()
         outcome = {"status": STATUS_OK, "error": None}
         # The run's own output (lmms-eval's logs and progress bars) goes to its run.log; the
@@ -245,7 +246,7 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
             seconds=finished - started,
             device=cache.device,
             versions=_versions(),
-            machine=machine_record(probe, machine_probe(cache.device if cache.device != "launcher" else "cpu")),
+            machine=machine_record(probe, machine_probe(probe_device)),
         )
         records.write_atomic(work / records.RUN_JSON, record.to_json())
         if final.exists():  # an earlier failed attempt: replaced only now that this one landed
