@@ -13,4 +13,8 @@ METHOD_ROWS = [
     ("vispruner", {"important_ratio": 0.25}, True),
     ("divprune", {}, True),
     ("prumerge+", {}, True),
+    # in-LLM: the tiny families' 2-layer LLMs prune before layer 1 and keep the budget there
+    ("fastv", {"k": 1, "count": "kept"}, True),
+    ("pdrop", {"count": "kept"}, True),
+    ("sparsevlm", {"count": "kept"}, True),
 ]

@@ -40,7 +40,7 @@ class Applied:
 def attach(model: nn.Module, reducer, backend: VLMBackend, encode: Callable) -> nn.Module:
     """Route ``model``'s image features through ``encode`` (replacing any reduction applied)."""
     remove_reduction(model)
-    undo = backend.install(encode, reducer.tokens_per_image(backend), full=bool(getattr(reducer, "keeps_all", False)))
+    undo = reducer.install(backend, encode)
     setattr(model, _STATE_ATTR, Applied(reducer, backend, undo))
     return model
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from visionzip_eval import llm_pruning
 from visionzip_eval.backends import backend_for
 from visionzip_eval.apply import remove_reduction, tokens_per_image, visionzip_processor
 from visionzip_eval.methods.base import NoReduction, TokenReducer
@@ -265,6 +266,7 @@ class Engine:
         prompt_len = input_ids.shape[1]
         vision = self._vision_flops(inputs, requests) if not reused else [(0, 0)] * len(requests)
         eos = self.tokenizer.eos_token_id
+        per_layer = llm_pruning.visual_tokens_per_layer(self.model)  # None unless pruned in the LLM
         timings = dict(
             vision_ms=clock.ms("vision_start", "vision_end") if not reused else 0.0,
             prefill_ms=clock.ms("prefill_start", "prefill_end"),
@@ -286,8 +288,14 @@ class Engine:
                 text = text.split(stop)[0]
             text = _XML_ILLEGAL.sub("", text)
             images = len(request.images)
+            after, layer_tokens = visual, None
+            if per_layer is not None:
+                kept = per_layer[row].tolist()
+                after = int(kept[-1])
+                layer_tokens = [prompt_tokens - visual + int(k) for k in kept]
             metrics = dict(
                 visual_tokens=visual,
+                visual_tokens_after_pruning=after,
                 prompt_tokens=prompt_tokens,
                 generated_tokens=generated,
                 images=images,
@@ -296,7 +304,7 @@ class Engine:
                 **timings,
                 peak_memory_bytes=peak,
                 peak_memory_kind=self.memory.kind,
-                prefill_flops=prefill_flops(self.decoder_shape, prompt_tokens),
+                prefill_flops=prefill_flops(self.decoder_shape, prompt_tokens, tokens_per_layer=layer_tokens),
                 vision_flops=vision[row][1],
                 vision_units=vision[row][0],
             )

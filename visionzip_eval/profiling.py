@@ -9,6 +9,8 @@ never presented as per-request). FLOPs come from the model config, 2 per multipl
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import resource
 import sys
 import time
@@ -112,8 +114,11 @@ class DecoderShape:
         )
 
 
-def prefill_flops(shape: DecoderShape, tokens: int, logits_tokens: int = 1) -> int:
-    """FLOPs of one prefill over ``tokens`` positions, no cache.
+def prefill_flops(
+    shape: DecoderShape, tokens: int, logits_tokens: int = 1, tokens_per_layer: Sequence[int] | None = None
+) -> int:
+    """FLOPs of one prefill over ``tokens`` positions, no cache; ``tokens_per_layer``: the
+    positions each layer processes where an in-LLM method removes tokens between layers.
 
     Per layer, in multiply-accumulates: q and o projections ``n*d*h*hd`` each, k and v
     ``n*d*kv*hd`` each (grouped-query attention), scores ``QK^T`` and ``AV`` ``n*n*h*hd`` each
@@ -121,12 +126,17 @@ def prefill_flops(shape: DecoderShape, tokens: int, logits_tokens: int = 1) -> i
     Plus the LM head over ``logits_tokens`` positions (generate computes only the last).
     Norms, rotary embeddings and softmax are lower order and left out. FLOPs = 2 x MACs.
     """
-    n, s = tokens, shape
-    projections = n * s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads)
-    attention = 2 * n * n * s.heads * s.head_dim
-    mlp = 3 * n * s.hidden * s.intermediate
-    head = logits_tokens * s.hidden * s.vocab
-    return 2 * (s.layers * (projections + attention + mlp) + head)
+    s = shape
+    counts = list(tokens_per_layer) if tokens_per_layer is not None else [tokens] * s.layers
+    if len(counts) != s.layers:
+        raise ValueError(f"tokens_per_layer has {len(counts)} entries for {s.layers} layers")
+    total = 0
+    for n in counts:
+        projections = n * s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads)
+        attention = 2 * n * n * s.heads * s.head_dim
+        mlp = 3 * n * s.hidden * s.intermediate
+        total += projections + attention + mlp
+    return 2 * (total + logits_tokens * s.hidden * s.vocab)
 
 
 def decode_step_flops(shape: DecoderShape, context: int) -> int:

@@ -82,6 +82,9 @@ class VLMBackend(ABC):
 
     name: ClassVar[str]
     cls_token: ClassVar[bool] = True  # the tower's token 0 is a CLS token (CLIP); SigLIP has none
+    # the LLM is a standard transformers decoder (``layers`` of ``self_attn`` with q/k
+    # projections, 1-D rotary positions), so in-LLM methods can prune inside it
+    in_llm_pruning: ClassVar[bool] = True
     # -- loading (visionzip_eval.loading dispatches on these) ---------------------------------
     model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values this family loads
     claim_order: ClassVar[int] = 0  # lower claims first (for configs another family would also claim)
@@ -185,6 +188,27 @@ class VLMBackend(ABC):
         """Route this model's image features through ``encode`` (a batch of units -> a Selection
         whose ``tokens`` are projected: (units, tokens_per_image, llm_hidden)); returns the undo
         function. ``full``: the reducer keeps every token (the model's own layout applies)."""
+
+    # -- inside the LLM (in-LLM methods: visionzip_eval.llm_pruning) ---------------------------
+    def decoder(self) -> nn.Module:
+        """The decoder stack: ``layers``, each with ``input_layernorm`` and ``self_attn``
+        (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``)."""
+        return self.modules()["language_model"]
+
+    def track_visual_rows(self, callback: Callable[[torch.Tensor | None], None]) -> Callable[[], None]:
+        """Before each forward of the model, call ``callback`` with (B, L) bool: which rows of
+        the decoder's input are visual tokens (None: no ``input_ids``); returns the undo.
+        Default: the rows of the image / video placeholder tokens of ``input_ids``."""
+        placeholders = [i for i in (self.image_token_id, self.video_token_id) if i is not None]
+
+        def hook(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                callback(None)
+                return
+            callback(torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device)))
+
+        return self.model.register_forward_pre_hook(hook, with_kwargs=True).remove
 
     # -- input side (defaults: one unit per image, no native video) ---------------------------
     def processor_inputs(self, images: list[list], videos: list[list[list]]) -> dict:

@@ -38,6 +38,7 @@ from visionzip_eval.selection import Selection
 
 INSTALL_COMMAND = "pip install --no-deps llava-torch==1.2.2.post1"
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
+IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX
 CONV_MODE = "vicuna_v1"  # LLaVA-1.5's conversation template
 
 
@@ -268,6 +269,28 @@ class LlavaOriginalBackend(VLMBackend):
 
     def encode_for_generate(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
         return {"image": BaseModelOutputWithPooling(pooler_output=list(self.model.encode_images(inputs["pixel_values"])))}
+
+    def track_visual_rows(self, callback) -> Callable[[], None]:
+        """llava splices the image rows into ``inputs_embeds`` itself
+        (``prepare_inputs_labels_for_multimodal``): run it with marker labels, whose image rows
+        come back as IGNORE_INDEX, and pass those rows on."""
+        model = self.model
+        prepare = model.prepare_inputs_labels_for_multimodal
+
+        def tracked(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None):
+            if labels is not None or images is None or input_ids.shape[1] == 1:
+                return prepare(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+            *outputs, marked = prepare(
+                input_ids, position_ids, attention_mask, past_key_values, torch.zeros_like(input_ids), images, image_sizes
+            )
+            visual = marked == IGNORE_INDEX  # image rows and padding
+            if outputs[2] is not None:
+                visual &= outputs[2].bool()
+            callback(visual)
+            return (*outputs, None)
+
+        model.prepare_inputs_labels_for_multimodal = tracked  # instance attribute: this model only
+        return lambda: model.__dict__.pop("prepare_inputs_labels_for_multimodal", None)
 
     # -- the tower ------------------------------------------------------------------------
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:

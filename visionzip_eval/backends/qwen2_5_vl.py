@@ -102,6 +102,7 @@ class Qwen2_5_VLBackend(VLMBackend):
     def load(cls, pretrained, dtype, device, attn_implementation):
         return load_pretrained(pretrained, dtype, device, attn_implementation)
     cls_token: ClassVar[bool] = False
+    in_llm_pruning: ClassVar[bool] = False  # 3-D multimodal rotary positions (mrope)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

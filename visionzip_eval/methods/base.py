@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -86,6 +86,10 @@ class TokenReducer:
         return self._encode_selection(backend, pixel_values).tokens
 
     # -- applying -------------------------------------------------------------------------
+    def install(self, backend: VLMBackend, encode) -> Callable[[], None]:
+        """Route the backend's image features through ``encode``; returns the undo."""
+        return backend.install(encode, self.tokens_per_image(backend), full=self.keeps_all)
+
     def apply(self, model: nn.Module) -> nn.Module:
         """Apply persistently to this model instance (replacing any reducer already applied)."""
         backend = backend_for(model)

@@ -1,0 +1,125 @@
+"""The base of in-LLM methods (FastV, PyramidDrop, SparseVLM): the vision side passes every
+token on, and the method prunes visual tokens between decoder layers, by real removal
+(``visionzip_eval.llm_pruning``).
+
+A method plans how many visual tokens survive from which layer on (``plan``) and chooses them
+(``select``: a ``LayerView`` in, a ``Prune`` out). ``tokens`` is the budget in visual tokens per
+image (per unit), read by ``count``:
+
+- ``average`` (default): the mean number of visual tokens over all LLM layers, the convention
+  of the VisionZip paper's Table 1 for in-LLM methods (taken from SparseVLM): FastV at 64 on a
+  32-layer LLaVA-1.5 keeps 30 from layer 2 on, since layers 0-1 see all 576;
+- ``kept``: the visual tokens left after the last pruning layer.
+
+A request with V visual tokens entering the LLM is planned for ``V * tokens / full`` (one
+LLaVA-1.5 image: exactly ``tokens``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
+
+import torch
+
+from visionzip_eval import llm_pruning
+from visionzip_eval.backends.base import VLMBackend
+from visionzip_eval.llm_pruning import LayerView, Prune
+from visionzip_eval.methods.base import TokenReducer, check_tokens, top_positions
+from visionzip_eval.selection import Selection
+
+
+@dataclass
+class InLLMReducer(TokenReducer):
+    """Base class: subclasses implement ``prune_layers`` and ``select``."""
+
+    kind: ClassVar[str] = "in-llm"
+    keeps_all: ClassVar[bool] = True  # the LLM receives every visual token; pruning happens inside
+
+    tokens: int = 64
+    count: Literal["average", "kept"] = "average"
+
+    def __post_init__(self) -> None:
+        check_tokens(self.tokens)
+        self._full_tokens: int | None = None
+
+    # -- what a method defines ----------------------------------------------------------------
+    def plan(self, num_layers: int, visual: float, budget: float) -> dict[int, float]:
+        """Pruning layer (0-based) -> visual tokens kept from it on, for ``visual`` tokens
+        entering a ``num_layers``-layer LLM and ``budget`` (read by ``count``); raises
+        ``ValueError`` where the budget is out of reach."""
+        raise NotImplementedError
+
+    def select(self, view: LayerView) -> Prune:
+        raise NotImplementedError
+
+    # -- planning ------------------------------------------------------------------------------
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        full = self._full_tokens or 576
+        return tuple(sorted(self.plan(num_layers, full, self.tokens)))
+
+    def kept_at(self, view: LayerView) -> torch.Tensor:
+        """(B,) visual tokens each row keeps from ``view.layer`` on (the plan, rounded)."""
+        entering = view.entering.double()
+        counts = []
+        for row in range(entering.shape[0]):
+            visual = float(entering[row])
+            plan = self.plan(view.num_layers, visual, visual * self.tokens / self._full_tokens) if visual else {}
+            counts.append(round(plan.get(view.layer, 0.0)))
+        return torch.tensor(counts, device=entering.device)
+
+    @staticmethod
+    def layer_average(plan: dict[int, float], num_layers: int, visual: float) -> float:
+        """Mean visual tokens over the layers: ``visual`` before the first pruning layer."""
+        total, current, previous = 0.0, visual, 0
+        for layer in sorted(plan):
+            total += (layer - previous) * current
+            current, previous = plan[layer], layer
+        return (total + (num_layers - previous) * current) / num_layers
+
+    # -- the vision side: every token --------------------------------------------------------
+    def tokens_per_image(self, backend: VLMBackend) -> int:
+        return backend.full_tokens
+
+    def reduce(self, signals, backend: VLMBackend) -> Selection:
+        return Selection(tokens=backend.full_features(signals))
+
+    def check(self, backend: VLMBackend) -> None:
+        if not backend.in_llm_pruning:
+            raise ValueError(
+                f"method {self.name!r} prunes inside the LLM, and {backend.name} has no standard "
+                "decoder for it: choose a pre-LLM method (visionzip-eval methods --kind pre-llm)"
+            )
+        if self.tokens > backend.full_tokens:
+            raise ValueError(f"{self.tokens} tokens exceed the {backend.full_tokens} visual tokens per image")
+        layers = len(backend.decoder().layers)
+        plan = self.plan(layers, backend.full_tokens, self.tokens)
+        if any(not 1 <= layer < layers for layer in plan):
+            raise ValueError(
+                f"{self.name}: pruning layers {tuple(sorted(plan))} do not fit a {layers}-layer LLM "
+                "(each must be 1 .. layers - 1)"
+            )
+
+    def install(self, backend: VLMBackend, encode: Callable) -> Callable[[], None]:
+        undo_vision = super().install(backend, encode)
+        self._full_tokens = backend.full_tokens
+        pruning = llm_pruning.DecoderPruning(backend, self)
+
+        def undo() -> None:
+            pruning.remove()
+            undo_vision()
+
+        return undo
+
+    # -- helpers for methods -------------------------------------------------------------------
+    @staticmethod
+    def keep_top(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(B, P) bool: every non-visual row, plus per row the ``counts[b]`` visual rows with the
+        highest ``scores`` (ties: the earlier row)."""
+        masked = torch.where(visual, scores.float(), torch.tensor(float("-inf"), device=scores.device))
+        keep = ~visual
+        for row in range(scores.shape[0]):
+            count = int(counts[row])
+            if count:
+                keep[row, top_positions(masked[row : row + 1], count)[0]] = True
+        return keep
