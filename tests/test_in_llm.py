@@ -20,7 +20,7 @@ LAYERS = 6  # deep enough for every method's default layers (FastV K=2, the scal
 PROMPTS = ["What is this?", "Describe the picture in many words, please, and be precise."]
 
 
-@pytest.fixture(scope="module", params=["llava-hf", "llava-original"])
+@pytest.fixture(scope="module", params=["llava-hf", "llava-hf-eager", "llava-original"])
 def family(request, tmp_path_factory):
     if request.param == "llava-original":
         pytest.importorskip("llava.model.builder", reason="the original llava package (llava-torch) is not installed")
@@ -28,7 +28,8 @@ def family(request, tmp_path_factory):
 
         model, processor = build_tiny_llava_original(tmp_path_factory.mktemp("llava") / "llava-tiny", text_layers=LAYERS)
     else:
-        model, processor = build_tiny_llava(seed=0, text_layers=LAYERS)
+        attention = "eager" if request.param.endswith("eager") else "sdpa"
+        model, processor = build_tiny_llava(seed=0, text_layers=LAYERS, attn_implementation=attention)
     return request.param, model, processor
 
 
@@ -37,17 +38,17 @@ def _images():
     return [images["astronaut"], images["coffee"]]
 
 
-def _generate(family, prompts, images, steps=5, whole=False):
+def _generate(family, prompts, images, steps=5, whole=False, per_row=1):
     """Greedy generation with per-step logits (the first from prefill), left-padded batch
     (``whole``: transformers' output object itself)."""
     name, model, processor = family
     backend = backend_for(model)
-    texts = [backend.chat_prompt(processor, [(p, None)], 1) for p in prompts]
+    texts = [backend.chat_prompt(processor, [(p, None)], per_row) for p in prompts]
     settings = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                     return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
     with torch.no_grad():
         if name == "llava-original":
-            inputs = backend.prepare_inputs(processor, texts, [[image] for image in images])
+            inputs = backend.prepare_inputs(processor, texts, [images[i : i + per_row] for i in range(0, len(images), per_row)])
             model.config.tokenizer_padding_side = "left"
             out = model.generate(inputs["input_ids"], images=inputs["images"], image_sizes=inputs["image_sizes"],
                                  attention_mask=inputs["attention_mask"], **settings)
@@ -86,11 +87,38 @@ def test_removal_equals_masking_and_batch_equals_singles(family, name, options, 
     assert counts[:, 0].tolist() == [576, 576] and (counts[:, -1] < 576).all()
 
 
+@pytest.mark.parametrize("name", ["fastv", "sparsevlm"])
+def test_rows_keeping_different_counts_batch_like_singles(family, name):
+    """A row with two images keeps twice the tokens of a row with one: the narrower row is
+    padded with slots no query attends to, and each row still equals its single run."""
+    if family[0] == "llava-original":
+        pytest.skip("this test builds its batch with the transformers processor (llava-hf)")
+    _, model, processor = family
+    images = _images()
+    reducer = MethodSpec.parse(name).build(64)
+    processor.tokenizer.padding_side = "left"
+    backend = backend_for(model)
+    texts = [backend.chat_prompt(processor, [(PROMPTS[0], None)], 2), backend.chat_prompt(processor, [(PROMPTS[1], None)], 1)]
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    with reducer(model), torch.no_grad():
+        visionzip_processor(processor, model)
+        batch = model.generate(**processor(images=images + images[1:], text=texts, return_tensors="pt", padding=True),
+                               **settings)
+        counts = llm_pruning.visual_tokens_per_layer(model)
+        singles = [model.generate(**processor(images=group, text=[text], return_tensors="pt"), **settings)
+                   for group, text in ((images, texts[0]), (images[1:], texts[1]))]
+    visionzip_processor(processor, model)
+    assert counts[:, -1].tolist() == [128, 64]
+    for row, single in enumerate(singles):
+        torch.testing.assert_close(torch.stack(single.logits, 1)[0], torch.stack(batch.logits, 1)[row], rtol=0, atol=1e-4)
+
+
 def test_removal_shortens_every_later_layer_and_its_cache(family):
     """FastV at 64 kept: layers >= K output 64 visual rows, their KV caches hold only those
     (plus the decoded tokens), and the logits differ from the unpruned model's."""
     _, model, processor = family
-    reducer = MethodSpec.parse("fastv", count="kept").build(64)
+    reducer = MethodSpec.parse("fastv").build(64)
     lengths = {}
 
     def record(number):
@@ -123,7 +151,7 @@ def test_engine_reports_pruned_counts_and_fewer_flops(family):
     settings = Generation(max_new_tokens=2)
     metrics = {}
     for label, reducer in (("full", MethodSpec.parse("none").build("full")),
-                           ("fastv", MethodSpec.parse("fastv", count="kept").build(64))):
+                           ("fastv", MethodSpec.parse("fastv").build(64))):
         engine = Engine(model, processor, reducer)
         try:
             metrics[label] = engine.generate([request], settings)[0].metrics

@@ -93,14 +93,20 @@ def test_method_on_family(family, name, options, deterministic):
         return
     before = hooks(model)
     engine = Engine(model, processor, reducer)
+    in_llm = reducer.kind == "in-llm"
     try:
-        assert engine.tokens_per_image == 32
+        assert engine.tokens_per_image == (backend.full_tokens if in_llm else 32)
         images = _images()
         requests = [Request(turns=[("What is shown?", None)], images=[image]) for image in images]
         settings = Generation(max_new_tokens=3)
         batch = engine.generate(requests, settings)
-        for output in batch:  # every unit (image, crop) reaches the LLM as exactly 32 rows
-            assert output.metrics["visual_tokens"] == output.metrics["vision_units"] * 32
+        for output in batch:
+            visual, after = output.metrics["visual_tokens"], output.metrics["visual_tokens_after_pruning"]
+            if in_llm:  # every visual token enters the LLM (LLaVA-NeXT: unpadded, with row ends);
+                # the share 32 / full of them survives inside it
+                assert after == round(visual * 32 / backend.full_tokens) < visual
+            else:  # every unit (image, crop) reaches the LLM as exactly 32 rows
+                assert visual == after == output.metrics["vision_units"] * 32
         if deterministic:
             singles = [engine.generate([request], settings)[0] for request in requests]
             assert [o.text for o in batch] == [o.text for o in singles]
@@ -117,7 +123,8 @@ def test_encode_gives_exact_counts_on_llava(tiny, pixel_values, name, options, d
         reducer = _build(name, options, budget)
         with torch.no_grad():
             tokens = reducer.encode_images(model, pixel_values)
-        assert tokens.shape == (3, budget, model.config.text_config.hidden_size)
+        rows = 576 if reducer.kind == "in-llm" else budget  # in-LLM methods prune inside the LLM
+        assert tokens.shape == (3, rows, model.config.text_config.hidden_size)
         assert torch.isfinite(tokens).all()
         if deterministic:
             with torch.no_grad():

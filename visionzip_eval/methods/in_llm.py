@@ -6,10 +6,12 @@ A method plans how many visual tokens survive from which layer on (``plan``) and
 (``select``: a ``LayerView`` in, a ``Prune`` out). ``tokens`` is the budget in visual tokens per
 image (per unit), read by ``count``:
 
-- ``average`` (default): the mean number of visual tokens over all LLM layers, the convention
-  of the VisionZip paper's Table 1 for in-LLM methods (taken from SparseVLM): FastV at 64 on a
-  32-layer LLaVA-1.5 keeps 30 from layer 2 on, since layers 0-1 see all 576;
-- ``kept``: the visual tokens left after the last pruning layer.
+- ``kept`` (default): the visual tokens left after the last pruning layer (FastV at 64 keeps 64
+  from layer K on); reachable on any depth, so it is the default;
+- ``average``: the mean number of visual tokens over all LLM layers, the convention of the
+  VisionZip paper's Table 1 for in-LLM methods (taken from SparseVLM): FastV at 64 on a
+  32-layer LLaVA-1.5 keeps 30 from layer 2 on, since layers 0-1 see all 576. Use it to compare
+  with the published rows (``configs/llava15_7b_paper.yaml`` does); shallow LLMs cannot reach it.
 
 A request with V visual tokens entering the LLM is planned for ``V * tokens / full`` (one
 LLaVA-1.5 image: exactly ``tokens``).
@@ -37,7 +39,7 @@ class InLLMReducer(TokenReducer):
     keeps_all: ClassVar[bool] = True  # the LLM receives every visual token; pruning happens inside
 
     tokens: int = 64
-    count: Literal["average", "kept"] = "average"
+    count: Literal["kept", "average"] = "kept"
 
     def __post_init__(self) -> None:
         check_tokens(self.tokens)

@@ -8,13 +8,15 @@ transcribed in ``tests/official_pdrop.py``:
 - one query, the last prompt token; softmax over every key in float32, heads averaged, the
   image columns sliced without renormalising (M:1390-1401); top-k, original order (M:1405-1410);
 - stage k keeps ``int(576 * lambda**k)`` counted from the tokens entering the LLM (M:1306-1307).
-Budget: the average over all layers (PDrop issues #10/#22/#29, and the VisionZip paper's
-Table 1). ``layers=2,8,16`` with lambda solved from the budget is the authors' recipe for
-reaching 64 (#29: lambda 0.19); the paper's default 8,16,24 cannot average below 144.
+Budget: lambda is solved so that the last stage keeps ``tokens`` (``count=kept``, default) or
+the average over all layers is ``tokens`` (``count=average``: the paper tables' convention,
+PDrop issues #10/#22/#29 and the VisionZip paper's Table 1). ``layers=2,8,16`` is the authors'
+recipe for reaching an average of 64 (#29: lambda 0.19); the paper's default 8,16,24 cannot
+average below 144. Layers are given for a 32-layer LLM and scaled to the model's depth.
 
-Deviations, on purpose: kept tokens keep their original positions (M:1445 renumbers them
-0..L'-1, shifting decode positions to match), like FastV and SparseVLM do, so all in-LLM
-methods here share one position rule; counts are rounded, not truncated.
+Deviations, on purpose: kept tokens keep their original positions, as FastV's do (M:1445
+renumbers them 0..L'-1 and shifts decode positions to match; SparseVLM's code renumbers too),
+so all in-LLM methods here share one position rule; counts are rounded, not truncated.
 """
 
 from __future__ import annotations

@@ -122,6 +122,17 @@ class SparseVLM(InLLMReducer):
             low, high = (middle, high) if reached(middle) < budget else (low, middle)
         return dict(zip(stages, schedule((low + high) / 2)))
 
+    def _exact_last(self, view: LayerView, current: torch.Tensor) -> torch.Tensor:
+        """(B,) top-k at the last pruning layer so that kept + merged is exactly the budget."""
+        out = []
+        for row in range(len(current)):
+            target = round(float(view.entering[row]) * self.tokens / self._full_tokens)
+            k = min(target, int(current[row]) - 1)
+            while k > 0 and k + recycled_counts(int(current[row]) - k)[1] > target:
+                k -= 1
+            out.append(max(k, 0))
+        return torch.tensor(out, device=current.device)
+
     # -- one pruning layer ---------------------------------------------------------------------
     @staticmethod
     def raters(view: LayerView) -> torch.Tensor:
@@ -153,6 +164,8 @@ class SparseVLM(InLLMReducer):
         visual = view.visual
         current = visual.sum(1)
         kept = torch.minimum(self.kept_at(view), current - 1).clamp(min=0)
+        if self.count == "kept" and view.layer == max(self.prune_layers(view.num_layers)):
+            kept = self._exact_last(view, current)
         keep = self.keep_top(scores, visual, kept)
         merged, positions, real = [], [], []
         for row in range(batch):
