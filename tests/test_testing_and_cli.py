@@ -109,3 +109,18 @@ def test_cli_bench_prefill_tiny_reports_tokens_and_flops_ratio(capsys):
     assert [r["visual_tokens"] for r in rows] == [576, 64]
     assert rows[0]["flops_predicted_speedup"] == 1.0 and rows[1]["flops_predicted_speedup"] > 5
     assert rows[1]["prompt_tokens"] == rows[0]["prompt_tokens"] - 512
+
+
+def test_cli_bench_prefill_compares_in_llm_methods(capsys):
+    """fastv enters the LLM with every token and keeps 64 from layer 2 of the 4 on:
+    its prefill FLOPs lie between VisionZip's at 64 and the full model's."""
+    import json
+
+    sizes = ["bench", "prefill", "--tiny", "--budgets", "full", "64", "--methods", "visionzip", "fastv",
+             "--repeats", "1", "--quiet", "--json"]
+    assert main(sizes) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"none", "visionzip", "fastv"}
+    assert (rows["fastv"]["visual_tokens"], rows["fastv"]["visual_tokens_after_pruning"]) == (576, 64)
+    assert rows["fastv"]["prompt_tokens"] == rows["none"]["prompt_tokens"]
+    assert 1 < rows["fastv"]["flops_predicted_speedup"] < rows["visionzip"]["flops_predicted_speedup"]

@@ -113,38 +113,52 @@ def bench_prefill(
     repeats: int = 3,
     sizes: dict | None = None,
     progress: Callable[[str], None] = print,
+    methods: tuple[str, ...] = ("visionzip",),
 ) -> list[dict]:
-    """LLM prefill and time to first token per budget on a CPU proxy VLM (CLIP-L tower,
-    8-layer 1024-wide Llama, random weights), beside the FLOPs-predicted prefill ratio."""
-    from visionzip_eval.methods import get_method
+    """LLM prefill and time to first token per (method, budget) on a CPU proxy VLM (CLIP-L
+    tower, 8-layer 1024-wide Llama, random weights), beside the FLOPs-predicted prefill ratio.
+
+    The configurations run round-robin (one request each per round, after a warm-up round), so
+    drift in machine load hits all alike; times are medians with the p10-p90 spread. ``full``
+    runs once, whatever the methods."""
     from visionzip_eval.engine import Engine, Generation, Request
+    from visionzip_eval.methods import MethodSpec
     from visionzip_eval.testing import sample_images
 
     model, processor = build_tiny_llava(seed=0, **(sizes or {**CLIP_L, **PROXY_LLM}))
     engine = Engine(model, processor)
     request = Request(turns=[("What is in the picture? Answer briefly.", None)], images=[sample_images()["astronaut"]])
     settings = Generation(max_new_tokens=1)
+    configs = [("none", "full")] if "full" in [str(b) for b in budgets] else []
+    configs += [(m, str(b)) for m in methods for b in budgets if str(b) != "full"]
+    reducers = {c: MethodSpec.parse(c[0]).build(c[1]) for c in configs}
+    samples: dict = {c: [] for c in configs}
+    try:
+        for index in range(repeats + 1):  # round 0 warms up
+            for config in configs:
+                progress(f"round {index + 1}/{repeats + 1}: {config[0]} at {config[1]}")
+                engine.set_reducer(reducers[config])
+                metrics = engine.generate([request], settings)[0].metrics
+                if index:
+                    samples[config].append(metrics)
+    finally:
+        engine.close()
+
+    def spread(config, key):
+        values = sorted(s[key] for s in samples[config])
+        return statistics.median(values), values[0], values[-1]
+
     rows = []
-    for budget in budgets:
-        engine.set_reducer(get_method("visionzip", budget))
-        samples = []
-        for index in range(repeats + 1):  # the first run warms up
-            progress(f"budget {budget}: run {index + 1}/{repeats + 1}")
-            metrics = engine.generate([request], settings)[0].metrics
-            if index:
-                samples.append(metrics)
-        rows.append(
-            dict(
-                budget=str(budget),
-                visual_tokens=samples[0]["visual_tokens"],
-                prompt_tokens=samples[0]["prompt_tokens"],
-                vision_ms=statistics.median(s["vision_ms"] for s in samples),
-                prefill_ms=statistics.median(s["prefill_ms"] for s in samples),
-                ttft_ms=statistics.median(s["ttft_ms"] for s in samples),
-                prefill_tflops=samples[0]["prefill_flops"] / 1e12,
-            )
-        )
-    engine.close()
+    for config in configs:
+        first = samples[config][0]
+        prefill, prefill_low, prefill_high = spread(config, "prefill_ms")
+        rows.append(dict(
+            method=config[0], budget=config[1], visual_tokens=first["visual_tokens"],
+            visual_tokens_after_pruning=first["visual_tokens_after_pruning"], prompt_tokens=first["prompt_tokens"],
+            vision_ms=spread(config, "vision_ms")[0], prefill_ms=prefill, prefill_ms_min=prefill_low,
+            prefill_ms_max=prefill_high, ttft_ms=spread(config, "ttft_ms")[0],
+            prefill_tflops=first["prefill_flops"] / 1e12,
+        ))
     full = rows[0]
     for row in rows:
         row["prefill_speedup"] = full["prefill_ms"] / row["prefill_ms"]
@@ -155,14 +169,15 @@ def bench_prefill(
 
 def format_prefill_rows(rows: list[dict]) -> str:
     lines = [
-        "| budget | visual tokens | prompt tokens | vision ms | prefill ms | TTFT ms | prefill TFLOPs "
-        "| prefill speed-up | FLOPs-predicted | TTFT speed-up |",
-        "|" + "---|" * 10,
+        "| method | budget | visual tokens in / kept | prompt tokens | vision ms | prefill ms (min-max) | TTFT ms "
+        "| prefill TFLOPs | prefill speed-up | FLOPs-predicted | TTFT speed-up |",
+        "|" + "---|" * 11,
     ]
     for r in rows:
         lines.append(
-            f"| {r['budget']} | {r['visual_tokens']} | {r['prompt_tokens']} | {r['vision_ms']:.1f} "
-            f"| {r['prefill_ms']:.1f} | {r['ttft_ms']:.1f} | {r['prefill_tflops']:.4f} "
+            f"| {r['method']} | {r['budget']} | {r['visual_tokens']} / {r['visual_tokens_after_pruning']} "
+            f"| {r['prompt_tokens']} | {r['vision_ms']:.1f} | {r['prefill_ms']:.1f} ({r['prefill_ms_min']:.1f}-"
+            f"{r['prefill_ms_max']:.1f}) | {r['ttft_ms']:.1f} | {r['prefill_tflops']:.4f} "
             f"| {r['prefill_speedup']:.2f}x | {r['flops_predicted_speedup']:.2f}x | {r['ttft_speedup']:.2f}x |"
         )
     return "\n".join(lines)

@@ -73,9 +73,11 @@ def _cmd_bench_tower(args: argparse.Namespace) -> int:
 def _cmd_bench_prefill(args: argparse.Namespace) -> int:
     from visionzip_eval.bench import bench_prefill, format_prefill_rows
 
-    sizes = None if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4)
+    # --tiny: a 4-layer LLM, deep enough for the in-LLM methods' default layers (FastV's K=2)
+    sizes = None if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4, text_layers=4)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
-    rows = bench_prefill(budgets=tuple(args.budgets), repeats=args.repeats, sizes=sizes, progress=progress)
+    rows = bench_prefill(budgets=tuple(args.budgets), repeats=args.repeats, sizes=sizes, progress=progress,
+                         methods=tuple(args.methods))
     print(json.dumps(rows, indent=2) if args.json else format_prefill_rows(rows))
     return 0
 
@@ -346,11 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench_tower)
     b = bench.add_parser(
         "prefill",
-        help="LLM prefill and time to first token per budget, beside the FLOPs-predicted ratio",
+        help="LLM prefill and time to first token per method and budget, beside the FLOPs-predicted ratio",
         description="On a CPU proxy VLM (CLIP-L tower, 8-layer 1024-wide Llama, random weights): median "
-        "vision, prefill and TTFT per budget in one run, and the prefill speed-up the FLOPs formula predicts.",
+        "vision, prefill and TTFT per method and budget in one run (round-robin), and the prefill speed-up the "
+        "FLOPs formula predicts. Example: visionzip-eval bench prefill --methods visionzip fastv sparsevlm --budgets full 64",
     )
     b.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"], help="budgets, full first")
+    b.add_argument("--methods", nargs="+", default=["visionzip"],
+                   help="registered methods to compare (visionzip-eval methods lists them; default: visionzip)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per budget (after one warm-up)")
     b.add_argument("--tiny", action="store_true", help="use the tiny model instead (a quick check)")
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")

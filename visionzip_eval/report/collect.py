@@ -45,8 +45,8 @@ _NOISE_COLUMNS = ("noisy", "noise")
 
 REQUEST_COLUMNS = [
     "run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "doc_id",
-    "visual_tokens", "images", "videos", "tokens_per_image", "prompt_tokens", "generated_tokens",
-    "vision_ms", "prefill_ms", "decode_ms", "decode_ms_per_token", "ttft_ms", "total_ms",
+    "visual_tokens", "visual_tokens_after_pruning", "images", "videos", "tokens_per_image", "input_tokens_per_image",
+    "prompt_tokens", "generated_tokens", "vision_ms", "prefill_ms", "decode_ms", "decode_ms_per_token", "ttft_ms", "total_ms",
     "peak_memory_bytes", "peak_memory_kind", "prefill_flops", "vision_flops",
     "warmup", "error", "measured", "device",
 ]
@@ -279,13 +279,17 @@ def _read_requests(path: Path) -> pd.DataFrame | None:
     frame["warmup"] = frame["warmup"].fillna(False).astype(bool)
     frame["error"] = frame["error"].where(frame["error"].notna(), None)
     frame["measured"] = ~frame["warmup"] & frame["error"].isna()
-    numeric = ["visual_tokens", "images", "videos", "tokens_per_image", "prompt_tokens", "generated_tokens",
-               "vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms", "peak_memory_bytes",
-               "prefill_flops", "vision_flops"]
+    numeric = ["visual_tokens", "visual_tokens_after_pruning", "images", "videos", "tokens_per_image",
+               "prompt_tokens", "generated_tokens", "vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms",
+               "peak_memory_bytes", "prefill_flops", "vision_flops"]
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    per_image = frame["visual_tokens"] / frame["images"].where(frame["images"] > 0)
-    frame["tokens_per_image"] = per_image.fillna(frame["tokens_per_image"])
+    images = frame["images"].where(frame["images"] > 0)
+    frame["input_tokens_per_image"] = (frame["visual_tokens"] / images).fillna(frame["tokens_per_image"])
+    # the tokens per image the LLM keeps: after an in-LLM method's pruning (rows written before
+    # in-LLM methods existed have no such field: nothing was pruned inside the LLM)
+    kept = frame["visual_tokens_after_pruning"].fillna(frame["visual_tokens"])
+    frame["tokens_per_image"] = (kept / images).fillna(frame["tokens_per_image"])
     # decode_ms spans the forwards after prefill: one per generated token after the first.
     steps = (frame["generated_tokens"] - 1).where(frame["generated_tokens"] > 1)
     frame["decode_ms_per_token"] = frame["decode_ms"] / steps

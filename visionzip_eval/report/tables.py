@@ -446,7 +446,8 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
 # -- efficiency ------------------------------------------------------------------------------------
 
 EFFICIENCY_COLUMNS = [
-    Column("tokens", "Visual tokens", "int", None),
+    Column("input_tokens", "Visual tokens in", "int", None),
+    Column("tokens", "Visual tokens kept", "int", None),
     Column("prefill_p10", "Prefill ms p10", "ms", "min"),
     Column("prefill_p50", "Prefill ms p50", "ms", "min"),
     Column("prefill_p90", "Prefill ms p90", "ms", "min"),
@@ -488,6 +489,7 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
         rows.append(dict(
             method=method, budget=budget, budget_total=total,
             tokens=med(measured["tokens_per_image"]) if len(measured) else med(reqs["tokens_per_image"]),
+            input_tokens=med(measured["input_tokens_per_image"]) if len(measured) else med(reqs["input_tokens_per_image"]),
             prefill_p10=pct(measured["prefill_ms"], 10), prefill_p50=med(measured["prefill_ms"]),
             prefill_p90=pct(measured["prefill_ms"], 90),
             ttft_p50=med(measured["ttft_ms"]),
@@ -561,7 +563,8 @@ def efficiency_tables(results: Results) -> list[TableBlock]:
         kinds = set(reqs["peak_memory_kind"].dropna())
         notes = [
             "Over measured requests (warm-up and failed requests left out; failed ones counted). "
-            "Visual tokens: per image (per frame for video). Decode ms/token: decode time over the "
+            "Visual tokens: per image (per frame for video); in: entering the LLM, kept: after an in-LLM "
+            "method's last pruning layer (the same for pre-LLM methods). Decode ms/token: decode time over the "
             "tokens generated after the first. Total time: sum of end-to-end times. TFLOPs: vision tower + "
             "LLM prefill, per request (decode not counted). Speed-ups: full-budget median / this row's median, "
             "both from this sweep."
