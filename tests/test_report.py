@@ -322,3 +322,30 @@ def test_report_on_smoke_like_zero_scores(tmp_path):
     assert block.frame["Avg"].isna().all() and not (block.frame["source"] == "paper").any()
     assert "retention is undefined" in blocks_markdown([block])
     assert not block.bold  # ties everywhere: nothing is best
+
+
+def test_in_llm_rows_group_by_budget_compare_with_the_paper_and_show_tokens_in_and_kept(tmp_path):
+    """FastV counted as the paper counts it (count=average): its row sits in the 64-token
+    group beside the published FastV row with a delta, and the efficiency table shows the 576
+    tokens entering the LLM and the 30 it keeps from layer 2 on."""
+    from visionzip_eval.report.synthetic import MODEL, PRETRAINED, SCORES, write_run
+
+    root = make_results(tmp_path / "sweep", problems=False)
+    for task, metrics in SCORES[("visionzip", "64")].items():
+        folder = write_run(root / "runs", MODEL, PRETRAINED, "fastv,count=average", "64", task, metrics, tokens=576)
+        efficiency = folder / "efficiency.jsonl"
+        rows = [dict(json.loads(line), visual_tokens_after_pruning=30) for line in efficiency.read_text().splitlines()]
+        efficiency.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = load_results(root)
+    (block,) = score_tables(results)
+    fastv = _row(block, "FastV (count=average)", "Retain 64")
+    vz64 = _row(block, "VisionZip", "Retain 64")
+    paper = _row(block, "FastV (paper†)", "Retain 64")
+    assert fastv["Avg"] == pytest.approx(vz64["Avg"])  # the same scores were written
+    assert fastv["delta"] == pytest.approx(fastv["Avg"] - paper["Avg"])
+    (efficiency_block, *_) = efficiency_tables(results)
+    row = efficiency_block.frame[efficiency_block.frame["method"] == "fastv,count=average"].iloc[0]
+    assert (row["input_tokens"], row["tokens"]) == (576, 30)
+    vz = efficiency_block.frame[(efficiency_block.frame["method"] == "visionzip")
+                                & (efficiency_block.frame["budget"] == "64")].iloc[0]
+    assert (vz["input_tokens"], vz["tokens"]) == (64, 64)

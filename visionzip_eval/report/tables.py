@@ -290,6 +290,12 @@ def _avg(scores: dict[str, float], full: dict[str, float], keys: list[str]) -> t
     return (100 * float(np.mean(ratios)) if ratios else math.nan), len(ratios)
 
 
+def _same_accounting(measured: str, published: str) -> bool:
+    """Whether a measured method label compares with a published row: the same method, counted
+    the same way (the paper's in-LLM rows average the visual tokens over the layers)."""
+    return measured in (published, f"{published},count=average")
+
+
 def _row_label(method: str, budget: str, budget_total: float) -> str:
     name = B.method_name(method)
     if budget != "full" and not pd.isna(budget_total) and budget != str(int(budget_total)):
@@ -361,7 +367,7 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
                                         f"{row['budget']} (no {', '.join(missing)})")
             delta = math.nan
             for prow in group_paper:
-                if prow["method"] == row["method"] and not group["is_full"]:
+                if _same_accounting(row["method"], prow["method"]) and not group["is_full"]:
                     common = [b for b in avg_keys if not pd.isna(prow.get(b, math.nan))]
                     ours, n_ours = _avg(row["scores"], full_cells, common)
                     theirs, n_theirs = _avg({b: prow[b] for b in common}, paper_full, common)
