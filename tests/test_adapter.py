@@ -122,8 +122,10 @@ def test_bad_model_args_are_refused():
         VisionZipLMM(model=build_tiny_llava(), budgett=64)
     with pytest.raises(ValueError, match="method 'vispruner' has no option merge: its options are important_ratio"):
         VisionZipLMM(model=build_tiny_llava(), method="vispruner", merge="average")
-    with pytest.raises(ValueError, match="unknown method 'fastv'"):
-        VisionZipLMM(model=build_tiny_llava(), method="fastv")
+    with pytest.raises(ValueError, match="unknown method 'fastvv'"):
+        VisionZipLMM(model=build_tiny_llava(), method="fastvv")
+    with pytest.raises(ValueError, match=r"fastv: pruning layers \(2,\) do not fit a 2-layer LLM"):
+        VisionZipLMM(model=build_tiny_llava(), method="fastv", budget=64)
     with pytest.raises(ValueError, match="contextual must be >= 1"):
         VisionZipLMM(model=build_tiny_llava(), budget="54+0")
     with pytest.raises(ValueError, match="either budget or dominant"):

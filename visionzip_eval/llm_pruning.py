@@ -7,9 +7,9 @@ class (the decoder keeps SDPA / FlashAttention):
 - **prefill**: before each pruning layer the method sees a ``LayerView`` (the hidden states,
   which rows are visual, attention probabilities recomputed from captured queries and keys for
   just the rows it asks for) and returns a ``Prune``; the hidden states lose the dropped rows.
-  Every later layer gets the attention mask, rotary embeddings and position ids gathered to the
-  surviving rows, which keep their original positions (as the official codes do), so its KV
-  cache holds only them;
+  Every later layer gets the attention mask and rotary embeddings gathered to the surviving
+  rows, which keep their original positions (as FastV's code does; PyramidDrop's and
+  SparseVLM's renumber them, see their modules), so its KV cache holds only them;
 - **decoding**: ``generate`` runs on that cache; each later layer's attention mask is gathered
   to the columns its cache holds (the new tokens' positions continue after the full prompt).
 
@@ -51,15 +51,13 @@ class LayerView:
     """What a method sees before pruning layer ``layer`` runs (prefill): the current rows only.
 
     ``hidden`` (B, P, D) the layer's input, ``index`` (B, P) their original positions,
-    ``valid`` (B, P) False for padding slots, ``visual`` (B, P) the valid visual rows,
-    ``text`` (B, P) the valid rows that are neither visual nor left padding."""
+    ``valid`` (B, P) False for padding slots, ``visual`` (B, P) the valid visual rows."""
 
     def __init__(self, pruning: "DecoderPruning", layer: int, hidden: torch.Tensor):
         session = pruning.session
         self._pruning, self.layer, self.hidden = pruning, layer, hidden
         self.index, self.valid = session.index, session.valid
         self.visual = session.visual & session.valid
-        self.text = session.valid & ~self.visual & session.attended
         self.entering = session.entering  # (B,) visual tokens that entered the LLM
         # the decoder's input embeddings and visual rows, over the original positions
         self.prompt_embeddings, self.prompt_visual = session.embeddings, session.prompt_visual
@@ -82,7 +80,6 @@ class _Session:
     index: torch.Tensor  # (B, P) original positions of the current rows
     valid: torch.Tensor  # (B, P) False: a padding slot (copy of a kept row, masked as a key)
     visual: torch.Tensor  # (B, P) the row is a visual token
-    attended: torch.Tensor  # (B, P) the row is not left padding of the prompt
     entering: torch.Tensor  # (B,) visual tokens entering the LLM
     embeddings: torch.Tensor  # (B, L, D) the decoder's input embeddings
     prompt_visual: torch.Tensor  # (B, L) the visual rows of the prompt
@@ -154,6 +151,7 @@ class DecoderPruning:
         self.decoder = backend.decoder()
         self.layers = list(self.decoder.layers)
         self.prune_layers = tuple(sorted(set(method.prune_layers(len(self.layers)))))
+        # layer 0 is never pruned: decoding reads the prompt length from its cache
         if not self.prune_layers or self.prune_layers[0] < 1 or self.prune_layers[-1] >= len(self.layers):
             raise ValueError(
                 f"{method.name}: pruning layers {self.prune_layers} do not fit a {len(self.layers)}-layer LLM "
@@ -162,6 +160,7 @@ class DecoderPruning:
         self.session: _Session | None = None
         self._pending_visual: torch.Tensor | None = None
         self.last_visual_per_layer: torch.Tensor | None = None  # (B, layers) of the last prefill
+        self._current = None  # the running layer's full mask and rotary embeddings (prefill)
         self._handles: list = []
         self._install()
 
@@ -206,11 +205,6 @@ class DecoderPruning:
         self.session, self.last_visual_per_layer = None, None
         if visual is None or visual.shape != (batch, length) or not bool(visual.any()):
             return None
-        attention_mask = kwargs.get("attention_mask")
-        attended = (
-            attention_mask.to(device).bool() if attention_mask is not None and attention_mask.dim() == 2
-            else torch.ones(batch, length, dtype=torch.bool, device=device)
-        )
         index = torch.arange(length, device=device).expand(batch, length)
         visual = visual.to(device).bool()
         self.session = _Session(
@@ -218,7 +212,6 @@ class DecoderPruning:
             index=index,
             valid=torch.ones(batch, length, dtype=torch.bool, device=device),
             visual=visual,
-            attended=attended,
             entering=visual.sum(1),
             embeddings=embeds if embeds is not None else module.embed_tokens(ids),
             prompt_visual=visual,
@@ -340,7 +333,7 @@ class DecoderPruning:
     def _apply(self, decision: Prune, hidden: torch.Tensor, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Update the session's rows by ``decision``; return the hidden states the layer receives."""
         session = self.session
-        index, visual, attended = session.index, session.visual, session.attended
+        index, visual = session.index, session.visual
         keep, rows_hidden = decision.keep & session.valid, hidden_rows
         if decision.extra_hidden is not None:
             extra = decision.extra_index.to(index.device)
@@ -349,7 +342,7 @@ class DecoderPruning:
             dropped = torch.where(visual & session.valid & ~keep, index, -1)
             if not bool(((extra[..., None] == dropped[:, None, :]).any(-1) | ~real).all()):
                 raise ValueError(f"{self.method.name}: recycled tokens must take positions of tokens dropped there")
-            index, visual, attended = torch.cat([index, extra], 1), torch.cat([visual, ones], 1), torch.cat([attended, ones], 1)
+            index, visual = torch.cat([index, extra], 1), torch.cat([visual, ones], 1)
             keep = torch.cat([keep, real], 1)
             rows_hidden = torch.cat([hidden_rows, decision.extra_hidden.to(hidden_rows.dtype)], 1)
         # the kept rows in original order; a row keeping fewer than the widest is padded at the
@@ -360,7 +353,7 @@ class DecoderPruning:
         first_kept = order.gather(1, valid.int().argmax(dim=1, keepdim=True))
         order = torch.where(valid, order, first_kept)
         session.index, session.valid = index.gather(1, order), valid
-        session.visual, session.attended = visual.gather(1, order), attended.gather(1, order)
+        session.visual = visual.gather(1, order)
         if self.mode == "remove":
             return _gather_rows(rows_hidden, order)
         if decision.extra_hidden is None:
