@@ -13,8 +13,10 @@ METHOD_ROWS = [
     ("vispruner", {"important_ratio": 0.25}, True),
     ("divprune", {}, True),
     ("prumerge+", {}, True),
-    # in-LLM: the tiny families' 2-layer LLMs prune before layer 1 and keep the budget there
-    ("fastv", {"k": 1, "count": "kept"}, True),
-    ("pdrop", {"count": "kept"}, True),
-    ("sparsevlm", {"count": "kept"}, True),
+    # in-LLM: the tiny families' 2-layer LLMs prune before layer 1 (FastV's K=2 does not fit)
+    ("fastv", {"k": 1}, True),
+    ("pdrop", {}, True),
+    ("sparsevlm", {}, True),
+    # VisionZip with the official code's arithmetic in the model's dtype (refused without a CLS token)
+    ("visionzip", {"selection_precision": "reference"}, True),
 ]

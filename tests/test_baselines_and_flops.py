@@ -20,10 +20,10 @@ def test_every_method_passes_the_budget_total(tiny, pixel_values, method, budget
 
 
 def test_full_is_no_reduction_for_every_method():
-    for method in ("visionzip", "random", "pool"):
+    for method in ("visionzip", "random", "pool", "fastv", "sparsevlm"):
         assert MethodSpec.parse(method).build("full") == NoReduction()
-    with pytest.raises(ValueError, match="unknown method 'fastv'"):
-        MethodSpec.parse("fastv")
+    with pytest.raises(ValueError, match="unknown method 'fastvv'"):
+        MethodSpec.parse("fastvv")
 
 
 def test_pool_averages_grid_blocks(tiny, pixel_values):

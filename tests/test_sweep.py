@@ -45,7 +45,7 @@ def complete_runs(out):
 def test_shipped_configs_validate_and_plan():
     counts = {p.name: len(plan(load_config(p))) for p in sorted((REPO / "configs").glob("*.yaml"))}
     assert counts["smoke.yaml"] == 20
-    assert counts["llava15_7b_paper.yaml"] == 4 * (1 + 3 * 3)  # full once, 3 methods x 3 budgets
+    assert counts["llava15_7b_paper.yaml"] == 4 * (1 + 6 * 3)  # full once, 6 methods x 3 budgets
     assert all(n > 0 for n in counts.values())
 
 
@@ -67,7 +67,7 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
         ({"budgetz": [64]}, "budgetz: unknown key"),
         ({"models": [{"name": "m", "pretrained": "p", "dtpye": "float16"}]}, "models.0.dtpye: unknown key"),
         ({"budgets": ["54+0"]}, "contextual must be >= 1"),
-        ({"methods": ["fastv"]}, "unknown method 'fastv'"),
+        ({"methods": ["fastvv"]}, "unknown method 'fastvv'"),
         ({"tasks": []}, "tasks: Value error, must list at least one entry"),
     ],
 )

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_eval import llm_pruning
 from visionzip_eval.backends import backend_for
+from visionzip_eval.media import parse_image_aspect
 from visionzip_eval.apply import remove_reduction, tokens_per_image, visionzip_processor
 from visionzip_eval.methods.base import NoReduction, TokenReducer
 from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock, prefill_flops
@@ -74,12 +75,24 @@ class Output:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, processor, reducer: TokenReducer | None = None, device=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        reducer: TokenReducer | None = None,
+        device=None,
+        image_aspect: str | None = None,
+    ):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.backend = backend_for(model)
+        # how LLaVA-1.5 squares a non-square image: pad / crop (None: the family shapes its own)
+        self.image_aspect = resolve_image_aspect(self.backend, processor, image_aspect)
+        self._image_kwargs = (
+            self.backend.image_processor_kwargs(processor, self.image_aspect) if self._shapes_images else {}
+        )
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         config = self.backend.config
@@ -141,6 +154,29 @@ class Engine:
     def prompt(self, request: Request) -> str:
         return self.backend.chat_prompt(self.processor, request.turns, len(request.images), len(request.videos))
 
+    # -- image preprocessing ----------------------------------------------------------------
+    @property
+    def _shapes_images(self) -> bool:
+        return bool(getattr(self.backend, "image_aspects", ()))
+
+    def _visual(self, images: list[list], videos: list[list]) -> dict:
+        """The processor's visual arguments for a batch (per request its images and videos),
+        LLaVA-1.5's images shaped as ``image_aspect`` says."""
+        if self._shapes_images:
+            images = [self.backend.shape_images(self.processor, request, self.image_aspect) for request in images]
+        return self.backend.processor_inputs(images, videos)
+
+    def pixel_inputs(self, images: list, videos: list | None = None) -> dict:
+        """The processor's vision outputs (``pixel_values``, ...) for one request's images and
+        videos, on the CPU: exactly what ``encode`` and ``generate`` feed the tower."""
+        visual = self._visual([list(images)], [list(videos or [])])
+        processed = {}
+        if "images" in visual:
+            processed.update(self.processor.image_processor(visual["images"], return_tensors="pt", **self._image_kwargs))
+        if "videos" in visual:
+            processed.update(self.processor.video_processor(visual["videos"], return_tensors="pt"))
+        return processed
+
     def _to_device(self, inputs) -> dict:
         return {
             k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
@@ -166,13 +202,7 @@ class Engine:
         ``last_encode_vision_flops`` holds its FLOPs."""
         clock = StageClock(self.device)
         clock.mark("start")
-        visual = self.backend.processor_inputs([list(images)], [list(videos or [])])
-        processed = {}
-        if "images" in visual:
-            processed.update(self.processor.image_processor(visual["images"], return_tensors="pt"))
-        if "videos" in visual:
-            processed.update(self.processor.video_processor(visual["videos"], return_tensors="pt"))
-        processed = self._to_device(processed)
+        processed = self._to_device(self.pixel_inputs(images, videos))
         features = self.backend.encode_for_generate(processed)
         clock.mark("end")
         clock.finish()
@@ -221,8 +251,8 @@ class Engine:
                 encoded = {k: BaseModelOutputWithPooling(pooler_output=v.pooler_output) for k, v in encoded.items()}
                 texts = self._expand_placeholders(texts, encoded)
                 inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
-            elif visual := self.backend.processor_inputs([r.images for r in requests], [r.videos for r in requests]):
-                inputs = self.processor(**visual, text=texts, return_tensors="pt", padding=True)
+            elif visual := self._visual([r.images for r in requests], [r.videos for r in requests]):
+                inputs = self.processor(**visual, text=texts, return_tensors="pt", padding=True, **self._image_kwargs)
             else:
                 inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
             inputs = self._to_device(inputs)
@@ -310,3 +340,31 @@ class Engine:
             )
             outputs.append(Output(text=text.strip(), metrics=metrics))
         return outputs
+
+
+def _original_llava_aspect(processor) -> str | None:
+    """What an original-LLaVA processor (the llava package's ``process_images`` behind it) does
+    by itself, from its model config's ``image_aspect_ratio``; None for any other processor."""
+    config = getattr(processor, "model_config", None)
+    if config is None or not hasattr(processor, "clip_image_processor"):
+        return None
+    ratio = getattr(config, "image_aspect_ratio", None)
+    return {"pad": "pad", "anyres": None}.get(ratio, "crop")
+
+
+def resolve_image_aspect(backend, processor, requested: str | None) -> str | None:
+    """The ``image_aspect`` an engine runs with: ``requested`` (pad / crop) where the model takes
+    one (LLaVA-1.5 through transformers), else what the processor does by itself. Families that
+    shape their own images (AnyRes, native resolution, the original LLaVA following its config)
+    accept only their own behaviour, and refuse another on one line."""
+    requested = parse_image_aspect(requested)
+    if getattr(backend, "image_aspects", ()):
+        return requested or backend.native_image_aspect(processor)
+    own = _original_llava_aspect(processor)
+    if requested is None or requested == own:
+        return own
+    how = {
+        "pad": "pads to a square as its config's image_aspect_ratio=pad says: drop image_aspect or set image_aspect=pad",
+        "crop": "resizes and centre-crops as its config says: drop image_aspect or set image_aspect=crop",
+    }.get(own, "shapes its images itself: drop image_aspect")
+    raise ValueError(f"image_aspect={requested} is for LLaVA-1.5 models; {backend.name} {how}")

@@ -11,6 +11,14 @@ from PIL import Image
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 
+# How a non-square image becomes the square tower input of LLaVA-1.5 (``image_aspect``; the
+# llava-hf backend does the shaping):
+# pad: paste it centred on a square of the processor's mean colour, then resize (the original
+#      LLaVA-1.5, ``image_aspect_ratio=pad``, for training and evaluation; the paper's setting);
+# crop: resize the short side and centre-crop (transformers' CLIP processing, what the
+#      llava-hf checkpoints' processors do).
+IMAGE_ASPECTS = ("pad", "crop")
+
 
 class MediaError(ValueError):
     """A visual could not be loaded: costs its sample, never the run."""
@@ -39,6 +47,20 @@ def load_image(visual) -> Image.Image:
         raise
     except (OSError, ValueError, SyntaxError) as error:
         raise MediaError(f"broken image ({type(error).__name__}: {error})") from error
+
+
+def parse_image_aspect(value) -> str | None:
+    """``image_aspect`` as given (model_args, sweep config): ``pad``, ``crop`` or None (the
+    checkpoint's own processing); anything else is refused on one line that names the fix."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "auto")):
+        return None
+    text = str(value).strip().lower()
+    if text not in IMAGE_ASPECTS:
+        raise ValueError(
+            f"image_aspect must be pad or crop, got {value!r}: pad = square on the processor's mean colour "
+            "(original LLaVA-1.5, the paper's setting), crop = resize and centre-crop (transformers' CLIP processing)"
+        )
+    return text
 
 
 def sample_video_frames(path: str | os.PathLike, num_frames: int) -> list[Image.Image]:

@@ -98,6 +98,9 @@ class RunRecord:
     versions: dict = field(default_factory=dict)
     # machine speed and load around the run: {"before": probe, "after": probe} (profiling.machine_probe)
     machine: dict = field(default_factory=dict)
+    # what the report's roofline needs about the model and device (roofline.describe); empty in
+    # runs recorded before it existed and in accelerate-launched ones: they get no bound
+    roofline: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)

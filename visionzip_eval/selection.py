@@ -11,6 +11,12 @@ Inputs come from one layer L of the vision tower (the one the VLM reads, LLaVA's
 Everything is batched (no loop over images); scores, similarities and the merge run in
 float32 whatever the input dtype, and the tokens come back in the input's dtype and device.
 See ../shared/VISIONZIP.md for the specification this follows step by step.
+
+``visionzip_select_reference`` is the other precision (``selection_precision="reference"``):
+the official code's arithmetic, operation for operation in the model's dtype (fp16 for the
+paper's runs), from layer L's projected queries and keys. In fp16 the CLS attention is rounded
+(logits, probabilities, their sum over heads), so near the top-k boundary patches that float32
+tells apart tie or swap, and the official ``topk`` then picks among the ties.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ import torch
 import torch.nn.functional as F
 
 MergeRule = Literal["reference", "average"]
+# float32: scores and similarities in float32 (the default); reference: the official code's
+# arithmetic in the input's dtype, its fp16 ties and all (visionzip_select_reference)
+SelectionPrecision = Literal["float32", "reference"]
+SELECTION_PRECISIONS = ("float32", "reference")
 
 
 @dataclass
@@ -123,13 +133,20 @@ def select_dominant(
     never ranked, without it (SigLIP) the top ``dominant`` tokens are kept.
     Returns ``(dominant_index (B, dominant), rest_index (B, N - dominant))``, both ascending.
     """
-    batch, tokens = scores.shape
-    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=scores.device)
     if cls_token:
         top = scores[:, 1:].topk(dominant - 1, dim=1).indices + 1
-        keep[:, 0] = True
     else:
         top = scores.topk(dominant, dim=1).indices
+    return split_positions(top, scores.shape[1], cls_token)
+
+
+def split_positions(top: torch.Tensor, tokens: int, cls_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top`` (B, k) chosen positions in [0, tokens) (any order; CLS, position 0, is added with
+    ``cls_token``) -> ``(dominant_index, rest_index)``, both ascending."""
+    batch = top.shape[0]
+    dominant = top.shape[1] + int(cls_token)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=top.device)
+    keep[:, 0] = cls_token
     keep.scatter_(1, top, True)
     # nonzero() walks row-major, so each row's positions come out ascending.
     dominant_index = keep.nonzero()[:, 1].reshape(batch, dominant)
@@ -203,22 +220,109 @@ def visionzip_select(
     tokens (target order). ``cls_token=False`` (SigLIP): no token is kept unconditionally, the
     ``dominant`` best-scored tokens are.
     """
-    batch, tokens, _ = hidden.shape
-    if dominant + contextual > tokens:
-        raise ValueError(
-            f"dominant + contextual = {dominant + contextual} exceeds the {tokens} tokens available"
-        )
+    tokens = hidden.shape[1]
+    check_fits(dominant, contextual, tokens)
     scores = cls_attention.float().sum(dim=1)  # (B, N): attention scores summed over heads
     dominant_index, rest_index = select_dominant(scores, dominant, cls_token)
     contextual_tokens, target_pos, member_slot = merge_contextual(
         gather_rows(hidden, rest_index), gather_rows(metric, rest_index), contextual, merge
     )
+    return _assemble(hidden, dominant_index, rest_index, contextual_tokens, target_pos, member_slot)
+
+
+def check_fits(dominant: int, contextual: int, tokens: int) -> None:
+    if dominant + contextual > tokens:
+        raise ValueError(
+            f"dominant + contextual = {dominant + contextual} exceeds the {tokens} tokens available"
+        )
+
+
+def _assemble(hidden, dominant_index, rest_index, contextual_tokens, target_pos, member_slot) -> Selection:
+    """The Selection: dominant rows (positional order), then the contextual tokens."""
+    batch, tokens, _ = hidden.shape
+    dominant = dominant_index.shape[1]
     slot = torch.empty(batch, tokens, dtype=torch.long, device=hidden.device)
     slot.scatter_(1, dominant_index, torch.arange(dominant, device=hidden.device).expand(batch, -1))
     slot.scatter_(1, rest_index, member_slot + dominant)
     return Selection(
-        tokens=torch.cat([gather_rows(hidden, dominant_index), contextual_tokens], dim=1),
+        tokens=torch.cat([gather_rows(hidden, dominant_index), contextual_tokens.to(hidden.dtype)], dim=1),
         dominant_index=dominant_index,
         contextual_index=rest_index[:, target_pos],
         slot=slot,
     )
+
+
+# -- selection_precision="reference": the official arithmetic, in the input's dtype ------------
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, D) -> (B * H, N, D / H), contiguous: the layout CLIP's eager attention multiplies."""
+    batch, tokens, dim = x.shape
+    return x.view(batch, tokens, num_heads, dim // num_heads).transpose(1, 2).contiguous().view(
+        batch * num_heads, tokens, dim // num_heads
+    )
+
+
+def reference_cls_scores(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    """(B, N - 1) the patches' dominant-token scores as the official code computes them, in the
+    input's dtype: the layer's whole attention map (scaled queries times keys, one batched
+    matmul, softmax), the CLS query's row, summed over heads. ``queries``, ``keys``: (B, N, D)
+    projected (bias included, unscaled). The full map is computed (not the CLS row alone) so
+    that the matmul is the same call, hence the same rounding, as the official one."""
+    batch, tokens, _ = keys.shape
+    weights = torch.bmm(_heads(queries * scale, num_heads), _heads(keys, num_heads).transpose(1, 2))
+    weights = weights.softmax(dim=-1).view(batch, num_heads, tokens, tokens)
+    return weights[:, :, 0, 1:].sum(dim=1)
+
+
+def reference_head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, D) -> (B, N, D / H) the keys averaged over heads as the official code does (over the
+    head axis of the (B, H, N, D / H) layout), in the input's dtype."""
+    batch, tokens, dim = keys.shape
+    return _heads(keys, num_heads).view(batch, num_heads, tokens, dim // num_heads).mean(1)
+
+
+def visionzip_select_reference(
+    hidden: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    dominant: int,
+    contextual: int,
+) -> Selection:
+    """VisionZip with the official code's arithmetic (``selection_precision="reference"``), for
+    towers with a CLS token, in the dtype of the inputs: ``hidden`` (B, N, D) layer L's output,
+    ``queries`` / ``keys`` (B, N, D) its projected queries and keys. Nothing is upcast: the CLS
+    attention is summed over heads in that dtype and ranked by ``torch.topk`` (ties go as topk
+    sends them, as in the official code); the keys are averaged over heads, normalised and
+    compared in that dtype (argmax: the first of equal similarities); members are summed by a
+    batched matmul with the one-hot assignment, divided by their count and added to the target
+    (``merge="reference"``). Same rows, indices and slots as ``visionzip_select``."""
+    batch, tokens, _ = hidden.shape
+    check_fits(dominant, contextual, tokens)
+    scores = reference_cls_scores(queries, keys, num_heads, scale)
+    top = scores.topk(dominant - 1, dim=1).indices + 1
+    dominant_index, rest_index = split_positions(top, tokens, cls_token=True)
+
+    metric = gather_rows(reference_head_mean_keys(keys, num_heads), rest_index)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    remaining = rest_index.shape[1]
+    target_pos = contextual_targets(remaining, contextual, hidden.device)
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=hidden.device)
+    is_target[target_pos] = True
+    member_pos = (~is_target).nonzero().squeeze(1)
+    similarity = torch.bmm(metric[:, member_pos], metric[:, target_pos].transpose(1, 2))  # (B, M, C)
+    assign = similarity.argmax(dim=2)
+    one_hot = torch.zeros(batch, member_pos.numel(), contextual, dtype=hidden.dtype, device=hidden.device)
+    one_hot.scatter_(2, assign.unsqueeze(-1), 1)
+    counts = one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    rest = gather_rows(hidden, rest_index)
+    merged = rest[:, target_pos] + torch.bmm(one_hot.transpose(1, 2), rest[:, member_pos]) / counts
+
+    member_slot = torch.empty(batch, remaining, dtype=torch.long, device=hidden.device)
+    member_slot[:, target_pos] = torch.arange(contextual, device=hidden.device)
+    member_slot[:, member_pos] = assign
+    return _assemble(hidden, dominant_index, rest_index, merged, target_pos, member_slot)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, ClassVar, Mapping
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -22,6 +23,34 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, chat_messages, register_backend
 from visionzip_eval.profiling import vit_flops
 from visionzip_eval.selection import Selection
+
+
+# LLaVA-1.5's image_aspect values (visionzip_eval.media.IMAGE_ASPECTS, where they are parsed)
+IMAGE_ASPECTS = ("pad", "crop")
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """``image`` centred on a square canvas of colour ``fill``, side = its longer side (a square
+    image comes back as it is). The odd pixel of padding goes below / right: the placement of
+    the original LLaVA's ``expand2square``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def mean_colour(image_processor) -> tuple[int, ...]:
+    """LLaVA-1.5's pad colour: the processor's ``image_mean`` as 8-bit values, truncated
+    (``int(m * 255)``) as the original LLaVA computes it."""
+    mean = getattr(image_processor, "image_mean", None)
+    if mean is None:
+        raise ValueError(f"{type(image_processor).__name__} has no image_mean to pad with: use image_aspect=crop")
+    if isinstance(mean, (int, float)):
+        mean = [mean] * 3
+    return tuple(int(m * 255) for m in mean)
 
 
 class _StopTower(Exception):
@@ -56,17 +85,18 @@ def capture_layer(
 ) -> TowerSignals:
     """Run a CLIP / SigLIP ``tower`` (a transformers vision model) until ``layer`` (one of its
     ``encoder.layers``) has run, and return that layer's signals: its output, and with
-    ``attention`` its projected CLS query (every query without a CLS token) and keys, captured
+    ``attention`` its projected queries (and the CLS query, with a CLS token) and keys, captured
     by forward hooks on ``q_proj`` / ``k_proj`` (the tower keeps SDPA / FlashAttention). The
     hooks are removed before returning; the layers after ``layer`` never run."""
     attn = layer.self_attn
     store: dict[str, torch.Tensor] = {}
 
     def on_query(module, args, output):
+        # every query is kept: VisionZip's selection_precision=reference recomputes the layer's
+        # whole attention map as the official code does (a view of what q_proj computed anyway)
+        store["queries"] = output
         if cls_token:
             store["query_cls"] = output[:, 0]
-        else:
-            store["queries"] = output
 
     def on_keys(module, args, output):
         store["keys"] = output
@@ -166,6 +196,36 @@ class LlavaHFBackend(VLMBackend):
     @property
     def patch_grid(self) -> tuple[int, int]:
         return self._grid
+
+    # -- image_aspect: how LLaVA-1.5 makes a non-square image square -------------------------
+    @property
+    def image_aspects(self) -> tuple[str, ...]:
+        """The ``image_aspect`` values this model takes: ``pad`` and ``crop`` for LLaVA-1.5
+        (model type ``llava``); none for the families built on this one (AnyRes shapes its own)."""
+        return IMAGE_ASPECTS if self.config.model_type == "llava" else ()
+
+    def native_image_aspect(self, processor) -> str | None:
+        """What ``processor`` does by itself: ``pad`` where its image processor pads
+        (transformers' ``LlavaImageProcessor`` with ``do_pad=True``), else ``crop``
+        (``CLIPImageProcessor``, what the llava-hf LLaVA-1.5 checkpoints ship)."""
+        if not self.image_aspects:
+            return None
+        return "pad" if getattr(processor.image_processor, "do_pad", False) else "crop"
+
+    def shape_images(self, processor, images: list, image_aspect: str | None) -> list:
+        """``images`` as the processor should receive them: under ``pad`` each is centred on a
+        square of the processor's mean colour (the original LLaVA's ``expand2square``), so the
+        processor's resize + centre crop keeps all of it; under ``crop`` they pass unchanged."""
+        if image_aspect != "pad" or not self.image_aspects:
+            return list(images)
+        fill = mean_colour(processor.image_processor)
+        return [expand_to_square(image, fill) for image in images]
+
+    def image_processor_kwargs(self, processor, image_aspect: str | None) -> dict:
+        """Keyword arguments for the processor call: ``crop`` turns off a padding image processor."""
+        if image_aspect == "crop" and getattr(processor.image_processor, "do_pad", False):
+            return {"do_pad": False}
+        return {}
 
     def vision_flops(self, tokens_out: int) -> int:
         return vit_flops(

@@ -8,7 +8,10 @@ every request measured.
 model_args: ``pretrained``; ``budget`` (full, 64, 128, 192, any total, or "54+10") or
 ``dominant`` + ``contextual``; ``method`` (any registered method: ``visionzip-eval methods``)
 and that method's own options (``method=vispruner,important_ratio=0.3``; VisionZip's ``merge``:
-reference, average); ``device``; ``dtype`` (auto, float16, bfloat16, float32); ``attn_implementation``;
+reference, average, and ``selection_precision``: float32, or reference = the official code's
+arithmetic in the model's dtype, its fp16 ties included); ``image_aspect`` (LLaVA-1.5: ``pad`` =
+square on the processor's mean colour, as the original LLaVA-1.5 and the paper; ``crop`` = resize
+and centre-crop; default: what the checkpoint's processor does, crop for llava-hf); ``device``; ``dtype`` (auto, float16, bfloat16, float32); ``attn_implementation``;
 ``batch_size``; ``seed``; ``max_frames`` (frames sampled per video); ``max_new_tokens``
 (when a task sets none); ``warmup`` (first requests flagged and left out of aggregates);
 ``output_dir`` (where ``efficiency.jsonl`` goes; default: lmms-eval's ``--output_path``).
@@ -32,7 +35,7 @@ from visionzip_eval.loading import load_pretrained
 from visionzip_eval.methods.registry import MethodSpec
 from visionzip_eval.engine import Engine, Generation, Request
 from visionzip_eval.lmms.efficiency import EfficiencyLog
-from visionzip_eval.media import MediaError, load_visual_groups, load_visuals
+from visionzip_eval.media import MediaError, load_visual_groups, load_visuals, parse_image_aspect
 
 # What a failed sample answers: scored wrong by every benchmark's parser (no yes/no, no
 # option letter); the reason goes to efficiency.jsonl and the log.
@@ -71,8 +74,8 @@ def resolve_budget(budget, dominant, contextual) -> Budget:
 
 
 ADAPTER_ARGS = (
-    "pretrained", "budget", "dominant", "contextual", "method", "device", "dtype", "attn_implementation",
-    "batch_size", "seed", "max_frames", "max_new_tokens", "warmup", "output_dir",
+    "pretrained", "budget", "dominant", "contextual", "method", "image_aspect", "device", "dtype",
+    "attn_implementation", "batch_size", "seed", "max_frames", "max_new_tokens", "warmup", "output_dir",
 )
 
 
@@ -96,6 +99,7 @@ class VisionZipLMM(lmms):
         dominant: int | None = None,
         contextual: int | None = None,
         method: str | MethodSpec = "visionzip",
+        image_aspect: str | None = None,
         device: str | None = None,
         dtype: str = "auto",
         attn_implementation: str | None = None,
@@ -112,6 +116,7 @@ class VisionZipLMM(lmms):
         super().__init__()
         self.method = resolve_method(method, method_options)
         self.budget = resolve_budget(budget, dominant, contextual)
+        image_aspect = parse_image_aspect(image_aspect)  # a bad value fails before the model loads
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
@@ -128,7 +133,7 @@ class VisionZipLMM(lmms):
             loaded, processor = model
             self.dtype = next(loaded.parameters()).dtype
         reducer = self.method.build(self.budget, seed=int(seed))
-        self.engine = Engine(loaded, processor, reducer, self._device)
+        self.engine = Engine(loaded, processor, reducer, self._device, image_aspect=image_aspect)
         self.attn_implementation = getattr(loaded.config, "_attn_implementation", None)
         self.efficiency = EfficiencyLog(
             output_dir or _cli_output_path(sys.argv[1:]),
@@ -143,11 +148,13 @@ class VisionZipLMM(lmms):
                 device=str(self._device),
                 dtype=str(self.dtype).replace("torch.", ""),
                 attn_implementation=self.attn_implementation,
+                image_aspect=self.engine.image_aspect,
             ),
         )
         logger.info(
             f"visionzip: {self.pretrained} method={self.method.label} budget={self.budget.label} "
-            f"({self.engine.tokens_per_image} visual tokens per image) on {self._device}"
+            f"({self.engine.tokens_per_image} visual tokens per image, image_aspect={self.engine.image_aspect}) "
+            f"on {self._device}"
         )
 
     # -- lmms-eval plumbing ---------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from visionzip_eval import records
+from visionzip_eval import records, roofline
 from visionzip_eval.budget import Budget
 from visionzip_eval.records import IDENTITY, STATUS_FAILED, STATUS_INCOMPLETE, STATUS_OK
 from visionzip_eval.report.benchmarks import benchmark_key, metric_scale
@@ -37,7 +37,8 @@ COLUMNS = [
     "total_ms_median", "total_ms_p10", "total_ms_p90", "total_ms_sum",
     "peak_memory_bytes_median", "peak_memory_bytes_max", "peak_memory_kind",
     "prefill_flops_median", "vision_flops_median", "tflops_median",
-    "device", "dtype", "attn_implementation", "seconds",
+    "prefill_roofline_ms_median", "ttft_roofline_ms_median",
+    "device", "dtype", "attn_implementation", "roofline_device", "roofline_reason", "seconds",
     "probe_gflops", "probe_copy_gbs", "other_cpu_share", "noisy", "noise", "path",
 ]
 _EFFICIENCY_COLUMNS = COLUMNS[COLUMNS.index("requests"): COLUMNS.index("device")]
@@ -47,8 +48,12 @@ REQUEST_COLUMNS = [
     "run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "doc_id",
     "visual_tokens", "visual_tokens_after_pruning", "images", "videos", "tokens_per_image", "input_tokens_per_image",
     "prompt_tokens", "generated_tokens", "vision_ms", "prefill_ms", "decode_ms", "decode_ms_per_token", "ttft_ms", "total_ms",
-    "peak_memory_bytes", "peak_memory_kind", "prefill_flops", "vision_flops",
+    "peak_memory_bytes", "peak_memory_kind", "prefill_flops", "vision_flops", "batch_size",
     "warmup", "error", "measured", "device",
+    # roofline.py's lower bounds on this request's prefill and TTFT, what limits the prefill
+    # (compute / memory), the device entry used, or why there is no bound
+    "prefill_roofline_ms", "ttft_roofline_ms", "roofline_bound_by", "prefill_roofline_flops", "prefill_roofline_bytes",
+    "roofline_device", "roofline_tflops", "roofline_bandwidth_gbs", "roofline_reason",
 ]
 
 
@@ -209,6 +214,7 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
             requests["task"] = base["task"]
         requests["benchmark"] = requests["task"].map(lambda t: benchmark_key(t) if isinstance(t, str) else None)
         requests = requests.reindex(columns=REQUEST_COLUMNS)
+    base.update(_roofline(requests, info, base))
     base.update(_efficiency_aggregates(requests, (info or {}).get("efficiency") or {}))
 
     if status != STATUS_OK:
@@ -281,7 +287,7 @@ def _read_requests(path: Path) -> pd.DataFrame | None:
     frame["measured"] = ~frame["warmup"] & frame["error"].isna()
     numeric = ["visual_tokens", "visual_tokens_after_pruning", "images", "videos", "tokens_per_image",
                "prompt_tokens", "generated_tokens", "vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms",
-               "peak_memory_bytes", "prefill_flops", "vision_flops"]
+               "peak_memory_bytes", "prefill_flops", "vision_flops", "batch_size"]
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     images = frame["images"].where(frame["images"] > 0)
@@ -294,6 +300,42 @@ def _read_requests(path: Path) -> pd.DataFrame | None:
     steps = (frame["generated_tokens"] - 1).where(frame["generated_tokens"] > 1)
     frame["decode_ms_per_token"] = frame["decode_ms"] / steps
     return frame
+
+
+def _roofline(requests: pd.DataFrame | None, info: dict | None, base: dict) -> dict:
+    """Each request's roofline bounds (in place: the roofline columns of REQUEST_COLUMNS) from the
+    run's recorded model facts and device; returns the run's device entry, or why it has none."""
+    try:
+        facts, device = roofline.for_run((info or {}).get("roofline"), base["probe_gflops"], base["probe_copy_gbs"])
+    except ValueError as error:
+        if requests is not None:
+            requests["roofline_reason"] = str(error)
+        return dict(roofline_device=None, roofline_reason=str(error))
+    if requests is not None:
+        bounds = [_request_bound(row, facts, device) for row in requests.itertuples(index=False)]
+        requests["prefill_roofline_ms"] = [b.prefill_ms if b else math.nan for b in bounds]
+        requests["ttft_roofline_ms"] = [b.ttft_ms if b else math.nan for b in bounds]
+        requests["roofline_bound_by"] = [b.prefill.bound_by if b else None for b in bounds]
+        # the prefill's work, so that a table can bound it at other device figures
+        requests["prefill_roofline_flops"] = [b.prefill.flops if b else math.nan for b in bounds]
+        requests["prefill_roofline_bytes"] = [b.prefill.nbytes if b else math.nan for b in bounds]
+        requests["roofline_device"] = device.name
+        requests["roofline_tflops"] = device.tflops
+        requests["roofline_bandwidth_gbs"] = device.bandwidth_gbs
+    return dict(roofline_device=device.describe(), roofline_reason=None)
+
+
+def _request_bound(row, facts: roofline.ModelFacts, device: roofline.Device) -> roofline.RequestBound | None:
+    """One efficiency.jsonl row's bound; None for a row without FLOPs or tokens (a failed request)."""
+    if not (_is_number(row.prefill_flops) and _is_number(row.prompt_tokens)):
+        return None
+    visual = row.visual_tokens if _is_number(row.visual_tokens) else 0.0
+    # an in-LLM method's cache holds the kept positions after its last pruning layer (a lower bound)
+    kept = row.visual_tokens_after_pruning if _is_number(row.visual_tokens_after_pruning) else visual
+    batch = int(row.batch_size) if _is_number(row.batch_size) and row.batch_size >= 1 else 1
+    vision = float(row.vision_flops) if _is_number(row.vision_flops) else None
+    return roofline.request_bound(facts, device, float(row.prefill_flops), float(row.prompt_tokens - visual + kept),
+                                  vision, batch)
 
 
 def _stat(values: pd.Series, q: float | None) -> float:
@@ -339,6 +381,8 @@ def _efficiency_aggregates(requests: pd.DataFrame | None, medians: dict) -> dict
     out["vision_flops_median"] = _stat(measured["vision_flops"], None)
     flops = measured["prefill_flops"].fillna(0) + measured["vision_flops"].fillna(0)
     out["tflops_median"] = _stat(flops[measured["prefill_flops"].notna()] / 1e12, None)
+    out["prefill_roofline_ms_median"] = _stat(measured["prefill_roofline_ms"], None)
+    out["ttft_roofline_ms_median"] = _stat(measured["ttft_roofline_ms"], None)
     return out
 
 

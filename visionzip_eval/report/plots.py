@@ -4,7 +4,8 @@
   (plus the average), with the paper's points when the model is the paper's;
 - ``pareto``: average retention vs median prefill latency, with the Pareto front;
 - ``memory``: peak memory vs visual tokens;
-- ``latency``: per-request prefill and end-to-end latency distributions by budget.
+- ``latency``: per-request prefill and end-to-end latency distributions by budget;
+- ``roofline``: measured prefill and TTFT (medians) against their roofline bounds, by budget.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from visionzip_eval import roofline
 from visionzip_eval.report import benchmarks as B
 from visionzip_eval.report.collect import Results
 from visionzip_eval.report.paper import PAPER_MARK, paper_rows
@@ -377,6 +379,67 @@ def plot_latency(results: Results, directory: Path) -> list[Path]:
     return _save(fig, directory, "latency")
 
 
+def plot_roofline(results: Results, directory: Path) -> list[Path]:
+    """Median measured prefill and TTFT per budget (solid) against the median of the requests'
+    roofline bounds (dashed, same colour), log-log; the gap between them is what the
+    implementation leaves on the table, the dashed line's slope what a reduction can buy."""
+    reqs = _image_requests(results)
+    reqs = reqs[reqs["prefill_roofline_ms"].notna()] if len(reqs) else reqs
+    models = sorted(reqs["model"].unique()) if len(reqs) else []
+    fig = Figure(figsize=(11, 4.2 * max(1, len(models)) + 0.4), layout="constrained")
+    axes = fig.subplots(max(1, len(models)), 2, squeeze=False)
+    if not models:
+        _empty(axes[0][0], "no request with a roofline bound: nothing to plot")
+        axes[0][1].set_visible(False)
+    colors = _style(list(reqs["method"].unique()) + ["none"]) if len(reqs) else {}
+    for row, model in enumerate(models):
+        mreqs = reqs[reqs["model"] == model]
+        agg = mreqs.groupby(["method", "budget"]).agg(
+            tokens=("tokens_per_image", "median"), prefill=("prefill_ms", "median"),
+            prefill_bound=("prefill_roofline_ms", "median"), ttft=("ttft_ms", "median"),
+            ttft_bound=("ttft_roofline_ms", "median")).reset_index()
+        ratios = mreqs.assign(prefill_ratio=mreqs["prefill_ms"] / mreqs["prefill_roofline_ms"],
+                              ttft_ratio=mreqs["ttft_ms"] / mreqs["ttft_roofline_ms"])
+        agg = agg.join(ratios.groupby(["method", "budget"])[["prefill_ratio", "ttft_ratio"]].median(),
+                       on=["method", "budget"])
+        full = agg[agg["budget"] == "full"]
+        devices = []
+        for name, dev in mreqs.groupby("roofline_device", sort=True):
+            if name == roofline.CPU_NAME:  # each run's own probe: say how far they spread
+                low, high = dev["roofline_tflops"].min() * 1e3, dev["roofline_tflops"].max() * 1e3
+                name += f", {low:.3g}-{high:.3g} GFLOP/s" if high > low * 1.005 else f", {low:.3g} GFLOP/s"
+            devices.append(name)
+        devices = "; ".join(devices)
+        for col, (value, name) in enumerate([("prefill", "LLM prefill"), ("ttft", "time to first token")]):
+            ax = axes[row][col]
+            series = [(m, pd.concat([sub, full]).sort_values("tokens"))
+                      for m, sub in agg[agg["budget"] != "full"].groupby("method")] or [("none", full)]
+            for method, sub in series:
+                label = B.method_name(method)
+                ax.plot(sub["tokens"], sub[value], marker="o", color=colors.get(method),
+                        label=f"{label}: measured")
+                ax.plot(sub["tokens"], sub[f"{value}_bound"], marker="o", markerfacecolor="none",
+                        linestyle="--", color=colors.get(method), label=f"{label}: roofline")
+            if len(full):
+                ax.plot(full["tokens"], full[value], linestyle="none", marker="*", markersize=12, color="black",
+                        label="full budget")
+            for _, point in agg.iterrows():  # measured / roofline, as in the efficiency table
+                if not pd.isna(point[f"{value}_ratio"]):
+                    ax.annotate(f"{point[f'{value}_ratio']:.1f}×", (point["tokens"], point[value]),
+                                textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.set_yscale("log")
+            _token_axis(ax, agg["tokens"].tolist())
+            ax.set_xlabel("visual tokens per image (log scale)")
+            ax.set_ylabel(f"{name} (ms, median; log scale)")
+            ax.set_title(f"{model}: {name}, measured vs roofline\n({devices}; labels: measured / roofline)",
+                         fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("Measured time vs. the roofline lower bound, by budget (dashed: the device's limit for "
+                 "the same requests)", fontsize=11)
+    return _save(fig, directory, "roofline")
+
+
 def write_plots(results: Results, directory: Path, options: TableOptions = TableOptions()) -> list[Path]:
     """The figures that have something to show, and their paths: none from zero complete runs
     (requests of failed runs are no result), and no placeholder figure for missing data."""
@@ -394,4 +457,6 @@ def write_plots(results: Results, directory: Path, options: TableOptions = Table
         paths += plot_memory(results, directory)
     if len(reqs):
         paths += plot_latency(results, directory)
+    if len(reqs) and reqs["prefill_roofline_ms"].notna().any():
+        paths += plot_roofline(results, directory)
     return paths

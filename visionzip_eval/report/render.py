@@ -29,6 +29,12 @@ def format_value(value, fmt: str) -> str:
         return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
     if fmt == "gib":
         return f"{value:.2f}"
+    if fmt == "ms_sig":  # bounds span 1e-3 ms (a tiny model) to seconds: significant digits
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if fmt == "ratio":
+        if abs(value) < 0.1:
+            return f"{value:.2g}×"
+        return f"{value:.2f}×" if abs(value) < 10 else f"{value:.1f}×" if abs(value) < 1000 else f"{value:.0f}×"
     if fmt == "tflops":
         return f"{value:.3g}"
     if fmt == "speedup":

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from visionzip_eval import roofline
 from visionzip_eval.report import benchmarks as B
 from visionzip_eval.report.collect import Results
 from visionzip_eval.noise import noise_summary
@@ -48,7 +49,7 @@ class TableOptions:
 class Column:
     key: str
     header: str
-    fmt: str  # score_pct, score_pts, avg, delta, int, ms, gib, tflops, speedup, seconds
+    fmt: str  # score_pct, score_pts, avg, delta, int, ms, ms_sig, ratio, gib, tflops, speedup, seconds
     better: str | None = None  # "max", "min" or None (never bold)
 
 
@@ -466,6 +467,12 @@ EFFICIENCY_COLUMNS = [
     Column("tflops", "TFLOPs/request", "tflops", "min"),
     Column("prefill_speedup", "Prefill speed-up", "speedup", "max"),
     Column("e2e_speedup", "End-to-end speed-up", "speedup", "max"),
+    # roofline.py's lower bounds: what the device allows, and how far the measurement is from it
+    Column("roofline_p50", "Prefill roofline ms", "ms_sig", None),
+    Column("roofline_ratio", "Prefill measured / roofline", "ratio", None),
+    Column("ttft_roofline_p50", "TTFT roofline ms", "ms_sig", None),
+    Column("ttft_roofline_ratio", "TTFT measured / roofline", "ratio", None),
+    Column("roofline_speedup", "Roofline speed-up", "speedup", None),
     Column("requests", "Requests", "int", None),
     Column("failed", "Failed", "int", None),
 ]
@@ -478,6 +485,7 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
     """One row per (method, budget); ``noise``: run id -> why its timing is noisy."""
     noise = noise or {}
     rows = []
+    work: dict[tuple, pd.DataFrame] = {}  # (method, budget) -> its measured requests with a bound
     for (method, budget), reqs in requests.groupby(["method", "budget"], sort=False):
         measured = reqs[reqs["measured"]]
         flops = (measured["prefill_flops"].fillna(0) + measured["vision_flops"].fillna(0))[
@@ -491,7 +499,13 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
             series = pd.to_numeric(series, errors="coerce").dropna()
             return float(np.percentile(series.to_numpy(dtype=float), q)) if len(series) else math.nan
 
+        def ratio(measured_key, bound_key):
+            return med(measured[measured_key] / measured[bound_key].where(measured[bound_key] > 0))
+
         total = reqs["budget_total"].iloc[0]
+        bound_by = measured["roofline_bound_by"].dropna()
+        bounded = measured[measured["prefill_roofline_ms"].notna()]
+        work[(method, budget)] = bounded
         rows.append(dict(
             method=method, budget=budget, budget_total=total,
             tokens=med(measured["tokens_per_image"]) if len(measured) else med(reqs["tokens_per_image"]),
@@ -504,6 +518,11 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
             total_s=float(measured["total_ms"].sum()) / 1e3 if len(measured) else math.nan,
             peak_gib=med(measured["peak_memory_bytes"]) / 2**30,
             tflops=med(flops / 1e12),
+            roofline_p50=med(measured["prefill_roofline_ms"]),
+            roofline_ratio=ratio("prefill_ms", "prefill_roofline_ms"),
+            ttft_roofline_p50=med(measured["ttft_roofline_ms"]),
+            ttft_roofline_ratio=ratio("ttft_ms", "ttft_roofline_ms"),
+            bound_by=str(bound_by.mode().iloc[0]) if len(bound_by) else None,
             requests=float(len(measured)), failed=float(reqs["error"].notna().sum()),
             noise=sorted({noise[r] for r in reqs["run_id"].dropna().unique() if r in noise}),
         ))
@@ -511,6 +530,9 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
     for row in rows:
         row["prefill_speedup"] = full[0]["prefill_p50"] / row["prefill_p50"] if full and row["prefill_p50"] else math.nan
         row["e2e_speedup"] = full[0]["e2e_p50"] / row["e2e_p50"] if full and row["e2e_p50"] else math.nan
+        # the most the reduction can buy on this device: the bounds' ratio, not the FLOPs'
+        row["roofline_speedup"] = _roofline_speedup(work[(full[0]["method"], "full")] if full else None,
+                                                    work[(row["method"], row["budget"])])
         # a speed-up is as trustworthy as the noisier of its two measurements
         row["noisy"] = bool(row["noise"] or (full and full[0]["noise"]))
     rows.sort(key=lambda r: (-_group_key(r["budget"], r["budget_total"]), B.method_sort_key(r["method"])))
@@ -521,6 +543,23 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
             row["label"] += f" {NOISY_MARK}"
         row["source"] = "measured"
     return rows
+
+
+def _roofline_speedup(full: pd.DataFrame | None, reduced: pd.DataFrame) -> float:
+    """Median full-budget prefill bound / median reduced one, both at the reduced row's median
+    device figures: on a CPU each run is bounded with its own probe, and a ratio of bounds
+    taken at two probes would measure the probes, not the reduction."""
+    if full is None or full.empty or reduced.empty:
+        return math.nan
+    device = roofline.Device("common", float(reduced["roofline_tflops"].median()),
+                             float(reduced["roofline_bandwidth_gbs"].median()), "")
+
+    def bound(reqs):
+        return float(np.median([roofline.stage(f, b, device).ms for f, b in
+                                zip(reqs["prefill_roofline_flops"], reqs["prefill_roofline_bytes"])]))
+
+    low = bound(reduced)
+    return bound(full) / low if low > 0 else math.nan
 
 
 def _is_video(requests: pd.DataFrame) -> pd.Series:
@@ -582,6 +621,7 @@ def efficiency_tables(results: Results) -> list[TableBlock]:
                 f"({noise_summary(flagged)}): its times and speed-ups are not to be trusted. "
                 "`visionzip-eval sweep CONFIG --rerun-noisy` runs those runs again."
             )
+        notes += roofline_notes(reqs, rows)
         if "process_peak_rss" in kinds:
             notes.append(
                 "Peak memory on CPU is the process's peak RSS, which only grows during a process: runs that "
@@ -604,6 +644,64 @@ def efficiency_tables(results: Results) -> list[TableBlock]:
             csv_extra=["model", "scope", "group", "method", "budget", "label"],
         ))
     return blocks
+
+
+def _row_at_budget(row) -> str:
+    """A row named in a note: "VisionZip 64", "Vanilla full", "VisionZip (54+10)"."""
+    label = _row_label(row["method"], row["budget"], row["budget_total"])
+    return label if label.endswith(f"({row['budget']})") else f"{label} {row['budget']}"
+
+
+def roofline_notes(requests: pd.DataFrame, rows: list[dict]) -> list[str]:
+    """What the roofline columns mean here: the device entry, what limits each row, the rows
+    without a bound and why, and any measurement faster than its bound."""
+    notes = [
+        "Roofline: a lower bound on each request's time on this device (visionzip_eval/roofline.py, README "
+        "*Roofline*). Prefill: max(decoder FLOPs / peak FLOP/s, (decoder weights + K/V written) / memory "
+        "bandwidth); TTFT adds the vision tower + projector and the LM head, each bounded the same way. "
+        "Measured / roofline: median over requests of measured time / its bound (1× = at the device's limit). "
+        "Roofline speed-up: the full-budget bound / this row's, the most the reduction can speed the prefill "
+        "up on this device (the FLOPs ratio holds only while compute is the limit)."
+    ]
+    bounded = requests[requests["prefill_roofline_ms"].notna()]
+    for name, dev in bounded.groupby("roofline_device", sort=True):
+        flops, gbs = dev["roofline_tflops"].astype(float), dev["roofline_bandwidth_gbs"].astype(float)
+        entry = next((d for d in roofline.DEVICES if d.name == name), None)
+        if entry is not None:
+            notes.append(f"Device: {entry.describe()} (dense fp16/bf16; {entry.source}).")
+        else:  # the CPU: each run bounded with its own probe
+            def span(values, scale, unit):
+                low, high = values.min() * scale, values.max() * scale
+                return f"{low:.3g} {unit}" if math.isclose(low, high, rel_tol=0.005) else f"{low:.3g}-{high:.3g} {unit}"
+            notes.append(
+                f"Device: CPU, each run bounded with {roofline.CPU_SOURCE} ({span(flops, 1e3, 'GFLOP/s')}, "
+                f"{span(gbs, 1, 'GB/s')} over these runs). A small matmul and a cache-sized copy are not the CPU's "
+                "peaks: the bound is as good as the probe, and bounds of runs with different probes do not compare "
+                "(the roofline speed-up takes both at one row's figures)."
+            )
+    limits = defaultdict(list)
+    for row in rows:
+        if row.get("bound_by"):
+            limits[row["bound_by"]].append(_row_at_budget(row))
+    if limits:
+        notes.append("Prefill limited by: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(limits.items())) + ".")
+    unbounded = requests[requests["prefill_roofline_ms"].isna() & requests["roofline_reason"].notna()]
+    for reason, reqs in unbounded.groupby("roofline_reason", sort=True):
+        runs = reqs.drop_duplicates(["method", "budget"])
+        which = ", ".join(_row_at_budget(r) for _, r in runs.iterrows())
+        notes.append(f"No roofline (–) for {which}: {reason}.")
+    below = [_row_at_budget(row) for row in rows
+             if any(row[key] < 1 for key in ("roofline_ratio", "ttft_roofline_ratio"))]  # NaN: False
+    if below:
+        notes.append(
+            "Measured faster than the roofline for " + ", ".join(below) + ": the device figures understate this "
+            "machine there (on a CPU: the probe read slow, or the machine sped up after it), so there the roofline "
+            "is no bound."
+        )
+    if pd.to_numeric(bounded["batch_size"], errors="coerce").gt(1).any():
+        notes.append("Batched requests: a batch of b is bounded as b requests like each one (weights read once), "
+                     "the batch's time being what each of its requests records.")
+    return notes
 
 
 def problems_markdown(results: Results) -> str:

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visionzip_eval.budget import Budget
+from visionzip_eval.media import parse_image_aspect
 from visionzip_eval.methods.registry import MethodSpec
 
 
@@ -25,7 +26,32 @@ class ModelSpec(_Strict):
     pretrained: str = Field(description="hub id, local folder, or builtin:tiny-llava")
     dtype: str = "auto"
     attn_implementation: str | None = None
+    image_aspect: Literal["pad", "crop"] | None = Field(
+        None,
+        description="LLaVA-1.5: pad = square on the processor's mean colour (the original LLaVA-1.5 and the "
+        "paper), crop = resize and centre-crop (the llava-hf processors); unset: the checkpoint's own",
+    )
     args: dict[str, Any] = Field(default_factory=dict, description="other adapter model_args")
+
+    @field_validator("image_aspect", mode="before")
+    @classmethod
+    def _image_aspect(cls, value):
+        return parse_image_aspect(value)
+
+    @model_validator(mode="after")
+    def _image_aspect_to_args(self) -> ModelSpec:
+        """``image_aspect`` travels to the adapter with the other model_args (``args``), where
+        every executor reads them; the two places must not disagree."""
+        given = parse_image_aspect(self.args.get("image_aspect"))
+        if given is not None and self.image_aspect is not None and given != self.image_aspect:
+            raise ValueError(
+                f"image_aspect is {self.image_aspect} but args.image_aspect is {given}: give it once, as image_aspect"
+            )
+        aspect = self.image_aspect or given
+        if aspect is not None:
+            self.image_aspect = aspect
+            self.args = {**self.args, "image_aspect": aspect}
+        return self
 
     @field_validator("name")
     @classmethod
@@ -97,6 +123,20 @@ class SweepConfig(_Strict):
         if not value:
             raise ValueError("must list at least one entry")
         return value
+
+    @model_validator(mode="after")
+    def _methods_build(self) -> SweepConfig:
+        """Options that are each valid but not together (VisionZip's selection_precision=reference
+        with merge=average) fail here, not in every run."""
+        for method in self.methods:
+            for budget in self.budgets:
+                if budget.is_full:
+                    continue
+                try:
+                    method.build(budget)
+                except ValueError as error:
+                    raise ValueError(f"method {method.label} at budget {budget.label}: {error}") from None
+        return self
 
 
 def _as_list(value) -> list:

@@ -4,7 +4,7 @@ Folder protocol under ``OUTPUT/runs/``:
 - a run works in ``.<id>.partial-<pid>-<time>/`` while holding ``OUTPUT/locks/<id>.lock``;
 - it writes ``config.yaml``, ``run.log``, lmms-eval's results and samples, ``efficiency.jsonl``,
   then ``run.json`` (``records.RunRecord``: status, identity, metrics, timings, versions, and
-  the machine's speed and load around the run) last, by atomic rename;
+  the machine's speed and load around the run, and the roofline facts) last, by atomic rename;
 - then the folder is renamed to ``<id>/`` (atomic). A run is complete when ``<id>/run.json``
   says ``ok``. A killed run leaves only a partial folder, which the next attempt deletes
   (it can tell the folder is stale: nobody holds the lock). A failed run lands with status
@@ -173,9 +173,23 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
             for task_name in results.get("configs", {}):
                 tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
         metrics = check_results(results, [run.task])[run.task]
-        return {"metrics": metrics, "efficiency": lm.efficiency.summary()}
+        return {"metrics": metrics, "efficiency": lm.efficiency.summary(), "roofline": _roofline_facts(lm)}
     finally:
         lm.engine.close()  # removes the hooks: the cached model is clean for the next run
+
+
+def _roofline_facts(lm) -> dict:
+    """What the report's roofline needs about this model (``roofline.describe``); {} if the
+    model defies description: a bound is never worth a failed run."""
+    from loguru import logger
+
+    from visionzip_eval.roofline import describe
+
+    try:
+        return describe(lm.engine.backend, lm.engine.device)
+    except Exception as error:  # noqa: BLE001
+        logger.warning(f"no roofline facts recorded: {type(error).__name__}: {error}")
+        return {}
 
 
 def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCache, evaluate=None) -> Outcome:
@@ -247,6 +261,7 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
             device=cache.device,
             versions=_versions(),
             machine=machine_record(probe, machine_probe(probe_device)),
+            roofline=outcome.get("roofline") or {},
         )
         records.write_atomic(work / records.RUN_JSON, record.to_json())
         if final.exists():  # an earlier failed attempt: replaced only now that this one landed
