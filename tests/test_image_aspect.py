@@ -171,10 +171,13 @@ def test_parsing_accepts_case_and_unset():
 
 
 def test_families_that_shape_their_own_images_refuse_another_aspect():
-    anyres = SimpleNamespace(name="llava-hf LLaVA-NeXT (AnyRes)")  # no image_aspects: shapes its own
-    assert resolve_image_aspect(anyres, SimpleNamespace(), None) is None
+    from visionzip_eval.testing import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next()
+    anyres = backend_for(model)  # AnyRes: shapes its own images
+    assert anyres.image_aspects == () and resolve_image_aspect(anyres, processor, None) is None
     with pytest.raises(ValueError, match="image_aspect=pad is for LLaVA-1.5 models; .* shapes its images itself: drop image_aspect"):
-        resolve_image_aspect(anyres, SimpleNamespace(), "pad")
+        resolve_image_aspect(anyres, processor, "pad")
 
 
 def test_original_llava_follows_its_config():

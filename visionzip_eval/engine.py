@@ -157,7 +157,7 @@ class Engine:
     # -- image preprocessing ----------------------------------------------------------------
     @property
     def _shapes_images(self) -> bool:
-        return bool(getattr(self.backend, "image_aspects", ()))
+        return bool(self.backend.image_aspects)
 
     def _visual(self, images: list[list], videos: list[list]) -> dict:
         """The processor's visual arguments for a batch (per request its images and videos),
@@ -342,25 +342,15 @@ class Engine:
         return outputs
 
 
-def _original_llava_aspect(processor) -> str | None:
-    """What an original-LLaVA processor (the llava package's ``process_images`` behind it) does
-    by itself, from its model config's ``image_aspect_ratio``; None for any other processor."""
-    config = getattr(processor, "model_config", None)
-    if config is None or not hasattr(processor, "clip_image_processor"):
-        return None
-    ratio = getattr(config, "image_aspect_ratio", None)
-    return {"pad": "pad", "anyres": None}.get(ratio, "crop")
-
-
 def resolve_image_aspect(backend, processor, requested: str | None) -> str | None:
     """The ``image_aspect`` an engine runs with: ``requested`` (pad / crop) where the model takes
     one (LLaVA-1.5 through transformers), else what the processor does by itself. Families that
     shape their own images (AnyRes, native resolution, the original LLaVA following its config)
     accept only their own behaviour, and refuse another on one line."""
     requested = parse_image_aspect(requested)
-    if getattr(backend, "image_aspects", ()):
+    if backend.image_aspects:
         return requested or backend.native_image_aspect(processor)
-    own = _original_llava_aspect(processor)
+    own = backend.native_image_aspect(processor)
     if requested is None or requested == own:
         return own
     how = {

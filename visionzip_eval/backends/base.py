@@ -210,6 +210,25 @@ class VLMBackend(ABC):
 
         return self.model.register_forward_pre_hook(hook, with_kwargs=True).remove
 
+    # -- image shape (image_aspect: how LLaVA-1.5 squares a non-square image) --------------------
+    @property
+    def image_aspects(self) -> tuple[str, ...]:
+        """The ``image_aspect`` values this model takes (``pad``, ``crop``); none (default):
+        the family shapes its own images."""
+        return ()
+
+    def native_image_aspect(self, processor) -> str | None:
+        """What ``processor`` does by itself (``pad`` / ``crop``); None: neither applies."""
+        return None
+
+    def shape_images(self, processor, images: list, image_aspect: str | None) -> list:
+        """One request's ``images`` as the processor should receive them."""
+        return list(images)
+
+    def image_processor_kwargs(self, processor, image_aspect: str | None) -> dict:
+        """Keyword arguments for the processor call under ``image_aspect``."""
+        return {}
+
     # -- input side (defaults: one unit per image, no native video) ---------------------------
     def processor_inputs(self, images: list[list], videos: list[list[list]]) -> dict:
         """The processor's visual arguments for a batch: per request its images, and its videos

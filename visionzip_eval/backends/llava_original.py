@@ -207,6 +207,12 @@ class LlavaOriginalBackend(VLMBackend):
             conv.append_message(conv.roles[1], reply)
         return conv.get_prompt()
 
+    def native_image_aspect(self, processor) -> str | None:
+        """llava's ``process_images`` follows the config: ``pad`` squares with the mean colour,
+        anything but AnyRes resizes and centre-crops."""
+        ratio = getattr(self.config, "image_aspect_ratio", None)
+        return {"pad": "pad", "anyres": None}.get(ratio, "crop")
+
     def processor_overrides(self, processor, tokens_per_image: int, full: bool) -> dict[str, Callable]:
         return {}  # one IMAGE_TOKEN_INDEX per image whatever the count: nothing to expand
 
