@@ -33,7 +33,7 @@ from visionzip_eval.selection import Selection
 
 @dataclass
 class InLLMReducer(TokenReducer):
-    """Base class: subclasses implement ``prune_layers`` and ``select``."""
+    """Base class: subclasses implement ``plan`` and ``select``."""
 
     kind: ClassVar[str] = "in-llm"
     keeps_all: ClassVar[bool] = True  # the LLM receives every visual token; pruning happens inside
