@@ -211,6 +211,16 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read image {args.image}: {error}") from error
     model, processor = _load_model(args.model)
+    if args.redundancy:
+        from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
+
+        pixel_values = processor.image_processor([image.convert("RGB")], return_tensors="pt")["pixel_values"]
+        stats = tower_redundancy(model, pixel_values)
+        out = args.out or f"{Path(args.image).stem}_redundancy.png"
+        redundancy_figure(stats, image.convert("RGB"), title=f"{Path(args.image).name}: {args.model}").savefig(out, dpi=100)
+        print(f"redundancy view written to {out} (top-{stats.top_k} share of CLS attention by layer: "
+              + ", ".join(f"{100 * share:.0f}%" for share in stats.top_share) + ")")
+        return 0
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
     sheet, _ = visualize(model, processor, image, budgets)
     out = args.out or f"{Path(args.image).stem}_visionzip.png"
@@ -252,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin:tiny-llava-synth",
                    help="builtin:tiny-llava-synth (default: the tiny trained model), builtin:tiny-llava (random "
                    "weights), or a supported checkpoint (folder or hub id)")
-    p.add_argument("--out", help="output PNG (default: <image>_visionzip.png)")
+    p.add_argument("--redundancy", action="store_true",
+                   help="instead: the redundancy view (per tower layer, how much of the CLS attention the top 54 "
+                   "patches hold, its entropy, and how alike the remaining patches are: VisionZip's motivation)")
+    p.add_argument("--out", help="output PNG (default: <image>_visionzip.png, or <image>_redundancy.png)")
     p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser(

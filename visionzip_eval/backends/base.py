@@ -149,6 +149,12 @@ class VLMBackend(ABC):
     def capture(self, pixel_values: torch.Tensor, attention: bool) -> TowerSignals:
         """Run the tower up to layer L and return its signals."""
 
+    def tower_layers(self) -> tuple[list[nn.Module], int]:
+        """The tower's encoder layers (each with ``self_attn.q_proj/k_proj``, ``num_heads``,
+        ``scale``) and the index of layer L among them, for views over every layer
+        (``visionzip_eval.redundancy``)."""
+        raise ValueError(f"{self.name} does not expose its tower's layers")
+
     def next_layer_projections(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The projected queries and keys (B, N, D) that the tower layer after layer L computes
         from layer L's output ``hidden`` (LLaVA-PruMerge's signal); None where layer L is the

@@ -266,6 +266,9 @@ class LlavaHFBackend(VLMBackend):
             self.core.vision_tower, self.layers[self.layer_index], pixel_values, attention, self.cls_token
         )
 
+    def tower_layers(self) -> tuple[list[nn.Module], int]:
+        return list(self.layers), self.layer_index
+
     def next_layer_projections(self, hidden: torch.Tensor):
         return next_layer_projections(self.layers, self.layer_index, hidden)
 

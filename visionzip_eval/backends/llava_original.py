@@ -303,6 +303,9 @@ class LlavaOriginalBackend(VLMBackend):
         pixel_values = pixel_values.to(device=self.tower.device, dtype=self.tower.dtype)
         return capture_layer(self.tower, self.layers[self.layer_index], pixel_values, attention, cls_token=True)
 
+    def tower_layers(self) -> tuple[list[nn.Module], int]:
+        return list(self.layers), self.layer_index
+
     def next_layer_projections(self, hidden: torch.Tensor):
         return next_layer_projections(self.layers, self.layer_index, hidden)
 
