@@ -139,6 +139,16 @@ def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, vali
     return (allowed & valid_keys[:, None, :])[:, None]
 
 
+def check_prune_layers(method: str, layers, num_layers: int) -> None:
+    """Refuse pruning layers outside 1 .. num_layers - 1. Layer 0 is never pruned: decoding
+    reads the prompt length from its cache."""
+    layers = tuple(sorted(layers))
+    if not layers or layers[0] < 1 or layers[-1] >= num_layers:
+        raise ValueError(
+            f"{method}: pruning layers {layers} do not fit a {num_layers}-layer LLM (each must be 1 .. layers - 1)"
+        )
+
+
 class DecoderPruning:
     """In-LLM pruning installed on one model: hooks on its decoder stack and on the model's
     input side (which rows are visual). ``method`` has ``prune_layers(num_layers)`` and
@@ -151,12 +161,7 @@ class DecoderPruning:
         self.decoder = backend.decoder()
         self.layers = list(self.decoder.layers)
         self.prune_layers = tuple(sorted(set(method.prune_layers(len(self.layers)))))
-        # layer 0 is never pruned: decoding reads the prompt length from its cache
-        if not self.prune_layers or self.prune_layers[0] < 1 or self.prune_layers[-1] >= len(self.layers):
-            raise ValueError(
-                f"{method.name}: pruning layers {self.prune_layers} do not fit a {len(self.layers)}-layer LLM "
-                "(each must be 1 .. layers - 1)"
-            )
+        check_prune_layers(method.name, self.prune_layers, len(self.layers))
         self.session: _Session | None = None
         self._pending_visual: torch.Tensor | None = None
         self.last_visual_per_layer: torch.Tensor | None = None  # (B, layers) of the last prefill

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from visionzip_eval.llm_pruning import LayerView, Prune
 from visionzip_eval.methods.in_llm import InLLMReducer
 from visionzip_eval.methods.registry import register_method
@@ -45,6 +43,5 @@ class FastV(InLLMReducer):
         return {self.k: kept}
 
     def select(self, view: LayerView) -> Prune:
-        last = torch.full((view.hidden.shape[0], 1), view.hidden.shape[1] - 1, device=view.hidden.device)
-        scores = view.attention(last, source="previous").mean(dim=1)[:, 0]  # (B, P) head mean
+        scores = self.last_token_scores(view, source="previous")
         return Prune(keep=self.keep_top(scores, view.visual, self.kept_at(view)))

@@ -95,12 +95,7 @@ class InLLMReducer(TokenReducer):
         if self.tokens > backend.full_tokens:
             raise ValueError(f"{self.tokens} tokens exceed the {backend.full_tokens} visual tokens per image")
         layers = len(backend.decoder().layers)
-        plan = self.plan(layers, backend.full_tokens, self.tokens)
-        if any(not 1 <= layer < layers for layer in plan):
-            raise ValueError(
-                f"{self.name}: pruning layers {tuple(sorted(plan))} do not fit a {layers}-layer LLM "
-                "(each must be 1 .. layers - 1)"
-            )
+        llm_pruning.check_prune_layers(self.name, self.plan(layers, backend.full_tokens, self.tokens), layers)
 
     def install(self, backend: VLMBackend, encode: Callable) -> Callable[[], None]:
         undo_vision = super().install(backend, encode)
@@ -115,6 +110,13 @@ class InLLMReducer(TokenReducer):
 
     # -- helpers for methods -------------------------------------------------------------------
     @staticmethod
+    def last_token_scores(view: LayerView, source: str) -> torch.Tensor:
+        """(B, P) the attention the last prompt token pays each current row, heads averaged
+        (FastV's and PyramidDrop's score; ``source`` as in ``LayerView.attention``)."""
+        last = torch.full((view.hidden.shape[0], 1), view.hidden.shape[1] - 1, device=view.hidden.device)
+        return view.attention(last, source=source).mean(dim=1)[:, 0]
+
+    @staticmethod
     def keep_top(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """(B, P) bool: every non-visual row, plus per row the ``counts[b]`` visual rows with the
         highest ``scores`` (ties: the earlier row)."""
@@ -125,3 +127,27 @@ class InLLMReducer(TokenReducer):
             if count:
                 keep[row, top_positions(masked[row : row + 1], count)[0]] = True
         return keep
+
+
+REFERENCE_LAYERS = 32  # stage layers are given for a 32-layer LLM (LLaVA-1.5-7B) and scaled
+
+
+def scaled_layers(spec: str, num_layers: int, method: str) -> list[int]:
+    """``"2,8,16"`` (layers of a 32-layer LLM) scaled to ``num_layers``: distinct, 1..layers-1."""
+    try:
+        given = [int(part) for part in str(spec).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{method}: layers must be comma-separated integers, got {spec!r}") from None
+    if not given or any(layer < 1 for layer in given):
+        raise ValueError(f"{method}: layers must be integers >= 1, got {spec!r}")
+    scaled = {min(max(round(layer * num_layers / REFERENCE_LAYERS), 1), num_layers - 1) for layer in given}
+    return sorted(scaled)
+
+
+def solve_increasing(reached: Callable[[float], float], target: float) -> float:
+    """The lambda in [0, 1] where ``reached`` (growing with lambda) meets ``target``, by bisection."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if reached(middle) < target else (low, middle)
+    return (low + high) / 2

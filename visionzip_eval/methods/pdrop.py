@@ -23,26 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from visionzip_eval.llm_pruning import LayerView, Prune
-from visionzip_eval.methods.in_llm import InLLMReducer
+from visionzip_eval.methods.in_llm import REFERENCE_LAYERS, InLLMReducer, scaled_layers, solve_increasing
 from visionzip_eval.methods.registry import register_method
-
-REFERENCE_LAYERS = 32  # ``layers`` are given for a 32-layer LLM (LLaVA-1.5-7B) and scaled
-
-
-def scaled_layers(spec: str, num_layers: int, method: str) -> list[int]:
-    """``"2,8,16"`` (layers of a 32-layer LLM) scaled to ``num_layers``: distinct, 1..layers-1."""
-    try:
-        given = [int(part) for part in str(spec).split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{method}: layers must be comma-separated integers, got {spec!r}") from None
-    if not given or any(layer < 1 for layer in given):
-        raise ValueError(f"{method}: layers must be integers >= 1, got {spec!r}")
-    scaled = {min(max(round(layer * num_layers / REFERENCE_LAYERS), 1), num_layers - 1) for layer in given}
-    return sorted(scaled)
-
 
 @register_method(
     "pdrop", kind="in-llm", display="PDrop", paper="arXiv 2410.17247", code="github.com/Cooperx521/PyramidDrop"
@@ -72,11 +55,7 @@ class PyramidDrop(InLLMReducer):
                 f"when layers 0..{stages[0] - 1} see all {visual:g} (at least {average(0.0):g}): "
                 "choose earlier layers, or count=kept"
             )
-        low, high = 0.0, 1.0
-        for _ in range(60):  # the average grows with lambda: bisect
-            middle = (low + high) / 2
-            low, high = (middle, high) if average(middle) < budget else (low, middle)
-        return (low + high) / 2
+        return solve_increasing(average, budget)  # the average grows with lambda
 
     def plan(self, num_layers: int, visual: float, budget: float) -> dict[int, float]:
         stages = scaled_layers(self.layers, num_layers, self.name)
@@ -84,6 +63,5 @@ class PyramidDrop(InLLMReducer):
         return {layer: visual * lam ** (i + 1) for i, layer in enumerate(stages)}
 
     def select(self, view: LayerView) -> Prune:
-        last = torch.full((view.hidden.shape[0], 1), view.hidden.shape[1] - 1, device=view.hidden.device)
-        scores = view.attention(last, source="this").mean(dim=1)[:, 0]  # (B, P) head mean
+        scores = self.last_token_scores(view, source="this")
         return Prune(keep=self.keep_top(scores, view.visual, self.kept_at(view)))

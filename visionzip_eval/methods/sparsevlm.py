@@ -32,8 +32,7 @@ import torch
 
 from visionzip_eval.llm_pruning import LayerView, Prune
 from visionzip_eval.methods.base import top_positions
-from visionzip_eval.methods.in_llm import InLLMReducer
-from visionzip_eval.methods.pdrop import scaled_layers
+from visionzip_eval.methods.in_llm import REFERENCE_LAYERS, InLLMReducer, scaled_layers, solve_increasing
 from visionzip_eval.methods.registry import register_method
 
 # 535f8ba score.py:5-15: top-k kept at layers 2 / 6 / 15 of a 32-layer LLaVA-1.5 (576 tokens)
@@ -77,7 +76,7 @@ class SparseVLM(InLLMReducer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        scaled_layers(self.layers, 32, self.name)  # validates
+        scaled_layers(self.layers, REFERENCE_LAYERS, self.name)  # validates
 
     # -- the schedule ------------------------------------------------------------------------
     def _stages(self, num_layers: int) -> list[int]:
@@ -116,11 +115,7 @@ class SparseVLM(InLLMReducer):
                 f"{num_layers} LLM layers is out of reach (at least {reached(0.0):g} with these layers): "
                 "choose earlier layers, or count=kept"
             )
-        low, high = 0.0, 1.0
-        for _ in range(60):
-            middle = (low + high) / 2
-            low, high = (middle, high) if reached(middle) < budget else (low, middle)
-        return dict(zip(stages, schedule((low + high) / 2)))
+        return dict(zip(stages, schedule(solve_increasing(reached, budget))))
 
     def _exact_last(self, view: LayerView, current: torch.Tensor) -> torch.Tensor:
         """(B,) top-k at the last pruning layer so that kept + merged is exactly the budget."""

@@ -345,14 +345,20 @@ def plot_memory(results: Results, directory: Path) -> list[Path]:
     return _save(fig, directory, "memory")
 
 
+def _model_rows(models: list[str], row_height: float, empty: str):
+    """A figure with one row of two panels per model; with no model, one row saying ``empty``."""
+    fig = Figure(figsize=(11, row_height * max(1, len(models)) + 0.4), layout="constrained")
+    axes = fig.subplots(max(1, len(models)), 2, squeeze=False)
+    if not models:
+        _empty(axes[0][0], empty)
+        axes[0][1].set_visible(False)
+    return fig, axes
+
+
 def plot_latency(results: Results, directory: Path) -> list[Path]:
     reqs = _image_requests(results)
     models = sorted(reqs["model"].unique()) if len(reqs) else []
-    fig = Figure(figsize=(11, 3.8 * max(1, len(models)) + 0.4), layout="constrained")
-    axes = fig.subplots(max(1, len(models)), 2, squeeze=False)
-    if not models:
-        _empty(axes[0][0], "no measured requests: nothing to plot")
-        axes[0][1].set_visible(False)
+    fig, axes = _model_rows(models, 3.8, "no measured requests: nothing to plot")
     for row, model in enumerate(models):
         mreqs = reqs[reqs["model"] == model]
         totals = mreqs.groupby(["method", "budget"])["budget_total"].first()
@@ -386,11 +392,7 @@ def plot_roofline(results: Results, directory: Path) -> list[Path]:
     reqs = _image_requests(results)
     reqs = reqs[reqs["prefill_roofline_ms"].notna()] if len(reqs) else reqs
     models = sorted(reqs["model"].unique()) if len(reqs) else []
-    fig = Figure(figsize=(11, 4.2 * max(1, len(models)) + 0.4), layout="constrained")
-    axes = fig.subplots(max(1, len(models)), 2, squeeze=False)
-    if not models:
-        _empty(axes[0][0], "no request with a roofline bound: nothing to plot")
-        axes[0][1].set_visible(False)
+    fig, axes = _model_rows(models, 4.2, "no request with a roofline bound: nothing to plot")
     colors = _style(list(reqs["method"].unique()) + ["none"]) if len(reqs) else {}
     for row, model in enumerate(models):
         mreqs = reqs[reqs["model"] == model]
