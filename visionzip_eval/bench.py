@@ -107,30 +107,22 @@ def format_tower_rows(rows: list[dict]) -> str:
 PROXY_LLM = dict(text_hidden=1024, text_layers=8, text_heads=16, text_kv_heads=16)
 
 
-@torch.no_grad()
-def bench_prefill(
-    budgets: tuple = ("full", 192, 128, 64),
-    repeats: int = 3,
-    sizes: dict | None = None,
-    progress: Callable[[str], None] = print,
-    methods: tuple[str, ...] = ("visionzip",),
-) -> list[dict]:
-    """LLM prefill and time to first token per (method, budget) on a CPU proxy VLM (CLIP-L
-    tower, 8-layer 1024-wide Llama, random weights), beside the FLOPs-predicted prefill ratio.
+def _configs(budgets, methods) -> list[tuple[str, str]]:
+    """(method, budget) pairs to time: ``full`` once (method "none"), whatever the methods."""
+    configs = [("none", "full")] if "full" in [str(b) for b in budgets] else []
+    return configs + [(m, str(b)) for m in methods for b in budgets if str(b) != "full"]
 
-    The configurations run round-robin (one request each per round, after a warm-up round), so
-    drift in machine load hits all alike; times are medians with the p10-p90 spread. ``full``
-    runs once, whatever the methods."""
+
+def _round_robin(model, processor, configs, repeats: int, progress: Callable[[str], None]) -> dict:
+    """Each config's per-request metrics (engine records) over ``repeats`` rounds of one
+    request per config, after a warm-up round: drift in machine load hits all alike."""
     from visionzip_eval.engine import Engine, Generation, Request
     from visionzip_eval.methods import MethodSpec
     from visionzip_eval.testing import sample_images
 
-    model, processor = build_tiny_llava(seed=0, **(sizes or {**CLIP_L, **PROXY_LLM}))
     engine = Engine(model, processor)
     request = Request(turns=[("What is in the picture? Answer briefly.", None)], images=[sample_images()["astronaut"]])
     settings = Generation(max_new_tokens=1)
-    configs = [("none", "full")] if "full" in [str(b) for b in budgets] else []
-    configs += [(m, str(b)) for m in methods for b in budgets if str(b) != "full"]
     reducers = {c: MethodSpec.parse(c[0]).build(c[1]) for c in configs}
     samples: dict = {c: [] for c in configs}
     try:
@@ -143,21 +135,28 @@ def bench_prefill(
                     samples[config].append(metrics)
     finally:
         engine.close()
+    return samples
+
+
+def _prefill_rows(samples: dict) -> list[dict]:
+    """One row per config: medians with min-max, and speed-ups against the first (``full``)."""
 
     def spread(config, key):
         values = sorted(s[key] for s in samples[config])
         return statistics.median(values), values[0], values[-1]
 
     rows = []
-    for config in configs:
-        first = samples[config][0]
+    for config, measured in samples.items():
+        first = measured[0]
         prefill, prefill_low, prefill_high = spread(config, "prefill_ms")
         rows.append(dict(
             method=config[0], budget=config[1], visual_tokens=first["visual_tokens"],
             visual_tokens_after_pruning=first["visual_tokens_after_pruning"], prompt_tokens=first["prompt_tokens"],
             vision_ms=spread(config, "vision_ms")[0], prefill_ms=prefill, prefill_ms_min=prefill_low,
             prefill_ms_max=prefill_high, ttft_ms=spread(config, "ttft_ms")[0],
-            prefill_tflops=first["prefill_flops"] / 1e12,
+            prefill_tflops=first["prefill_flops"] / 1e12, vision_tflops=first["vision_flops"] / 1e12,
+            peak_memory_bytes=max(s["peak_memory_bytes"] or 0 for s in measured),
+            peak_memory_kind=first["peak_memory_kind"],
         ))
     full = rows[0]
     for row in rows:
@@ -165,6 +164,23 @@ def bench_prefill(
         row["flops_predicted_speedup"] = full["prefill_tflops"] / row["prefill_tflops"]
         row["ttft_speedup"] = full["ttft_ms"] / row["ttft_ms"]
     return rows
+
+
+@torch.no_grad()
+def bench_prefill(
+    budgets: tuple = ("full", 192, 128, 64),
+    repeats: int = 3,
+    sizes: dict | None = None,
+    progress: Callable[[str], None] = print,
+    methods: tuple[str, ...] = ("visionzip",),
+) -> list[dict]:
+    """LLM prefill and time to first token per (method, budget) on a CPU proxy VLM (CLIP-L
+    tower, 8-layer 1024-wide Llama, random weights), beside the FLOPs-predicted prefill ratio.
+
+    The configurations run round-robin (:func:`_round_robin`); times are medians with the
+    min-max spread."""
+    model, processor = build_tiny_llava(seed=0, **(sizes or {**CLIP_L, **PROXY_LLM}))
+    return _prefill_rows(_round_robin(model, processor, _configs(budgets, methods), repeats, progress))
 
 
 def format_prefill_rows(rows: list[dict]) -> str:
@@ -180,4 +196,179 @@ def format_prefill_rows(rows: list[dict]) -> str:
             f"{r['prefill_ms_max']:.1f}) | {r['ttft_ms']:.1f} | {r['prefill_tflops']:.4f} "
             f"| {r['prefill_speedup']:.2f}x | {r['flops_predicted_speedup']:.2f}x | {r['ttft_speedup']:.2f}x |"
         )
+    return "\n".join(lines)
+
+
+# -- bench realsize: LLaVA-1.5-7B's exact shape --------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_MARGIN_BYTES = 2 * 2**30  # activations, the KV cache, the allocator and Python besides the weights
+
+
+def _resolve(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU: drop --device to run on the CPU")
+    if dtype == "auto":  # half precision where the hardware has it; the CPU's half-precision matmul crawls
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return device, DTYPES[dtype]
+
+
+def _parameter_counts(layers: int) -> tuple[int, int, int]:
+    """(all parameters, one decoder layer's, the vision tower's + projector's) of the 7B shape,
+    counted on the meta device (nothing allocated)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from visionzip_eval.testing import llava15_7b_config
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava15_7b_config(layers))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    return (count(model), count(model.model.language_model.layers[0]),
+            count(model.model.vision_tower) + count(model.model.multi_modal_projector))
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_fits(layers: int, dtype: torch.dtype, free_bytes: int) -> int:
+    """The bytes the 7B shape with ``layers`` decoder layers needs in ``dtype`` (weights and a
+    margin); a one-line ValueError naming the largest layer count that fits when it does not."""
+    total, per_layer, _ = _parameter_counts(layers)
+    size = dtype.itemsize
+    needed = total * size + MEMORY_MARGIN_BYTES
+    if needed <= free_bytes:
+        return needed
+    fixed = (total - layers * per_layer) * size + MEMORY_MARGIN_BYTES
+    largest = int((free_bytes - fixed) // (per_layer * size))
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    fix = (f"pass --layers {largest} to time {largest} of the {layers} decoder layers at exact size"
+           if largest >= 1 else "no decoder layer fits beside the tower and embeddings: free memory or use a GPU")
+    raise ValueError(f"LLaVA-1.5-7B's shape with {layers} decoder layers in {str(dtype).removeprefix('torch.')} "
+                     f"needs {gib(needed)} ({gib(MEMORY_MARGIN_BYTES)} of it margin) and {gib(free_bytes)} is free: {fix}")
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Best-of-``repeats`` rate of a square matmul as large as the 7B's (1024 on a CPU, 8192 on
+    a GPU) in ``dtype``: what the run's compute can reach, and how long it will take."""
+    from visionzip_eval.profiling import StageClock
+
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # untimed warm-up
+    times = []
+    for _ in range(repeats):
+        clock = StageClock(device)
+        clock.mark("a")
+        a @ b
+        clock.mark("b")
+        clock.finish()
+        times.append(clock.ms("a", "b") / 1e3)
+    return 2 * size**3 / max(min(times), 1e-9) / 1e12
+
+
+def estimate_seconds(layers: int, budgets, methods, repeats: int, tflops: float) -> float:
+    """About how long the round-robin takes at ``tflops``: 2 FLOPs per parameter per token
+    through the decoder (at the budget's tokens + a 40-token prompt) and the tower (577 tokens)."""
+    total, per_layer, vision = _parameter_counts(layers)
+    configs = _configs(budgets, methods)
+    tokens = sum((576 if budget == "full" else int(budget)) + 40 for _, budget in configs)
+    flops = 2 * (layers * per_layer * tokens + vision * 577 * len(configs))
+    return (repeats + 1) * flops / (tflops * 1e12)
+
+
+@torch.no_grad()
+def bench_realsize(
+    budgets: tuple = ("full", 192, 128, 64),
+    repeats: int = 2,
+    layers: int = 32,
+    dtype: str = "auto",
+    device: str | None = None,
+    max_minutes: float = 30.0,
+    methods: tuple[str, ...] = ("visionzip",),
+    progress: Callable[[str], None] = print,
+) -> tuple[list[dict], dict]:
+    """Prefill and TTFT of LLaVA-1.5-7B's exact architecture (random weights) at each budget,
+    round-robin, beside the FLOPs-predicted and roofline-predicted speed-ups and the peak memory.
+
+    Refuses in one line, before building anything, when the weights do not fit in free memory
+    (naming the largest layer count that does) or when the run would take over ``max_minutes``
+    at the measured matmul rate (the CPU's bfloat16 runs ~100x slower than its float32).
+    Returns (rows, facts about the run)."""
+    from visionzip_eval import roofline
+    from visionzip_eval.backends import backend_for
+    from visionzip_eval.profiling import machine_probe
+    from visionzip_eval.testing import LLAVA15_7B, build_llava15_7b_shape
+
+    device, torch_dtype = _resolve(device, dtype)
+    needed = check_fits(layers, torch_dtype, _free_bytes(device))
+    progress(f"probing {str(torch_dtype).removeprefix('torch.')} matmul speed on {device}")
+    tflops = matmul_tflops(device, torch_dtype)
+    seconds = estimate_seconds(layers, budgets, methods, repeats, tflops)
+    if seconds > max_minutes * 60:
+        raise ValueError(f"at the measured {tflops * 1e3:.1f} GFLOP/s this run would take about {seconds / 60:.0f} "
+                         f"min (over --max-minutes {max_minutes:g}): use --dtype float32 on a CPU, fewer --layers "
+                         "or --repeats, or raise --max-minutes")
+    progress(f"building LLaVA-1.5-7B's shape with {layers} decoder layers ({needed / 2**30:.1f} GiB), "
+             f"about {seconds / 60:.1f} min to time")
+    model, processor = build_llava15_7b_shape(layers, torch_dtype, device)
+    copy_gbs = machine_probe(device)["copy_gbs"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    limit = roofline.device_for(name) if device.type == "cuda" and torch_dtype != torch.float32 else None
+    if limit is None:  # the CPU, float32, or a GPU without datasheet figures: this run's own probe
+        limit = roofline.Device(f"{name} (probe: {str(torch_dtype).removeprefix('torch.')} matmul, copy)",
+                                tflops, copy_gbs, "bench realsize's own probe")
+    facts = roofline.ModelFacts.from_record(roofline.describe(backend_for(model), device))
+    try:
+        rows = _prefill_rows(_round_robin(model, processor, _configs(budgets, methods), repeats, progress))
+    finally:
+        del model
+    for row in rows:
+        cached = row["prompt_tokens"] - row["visual_tokens"] + row["visual_tokens_after_pruning"]
+        bound = roofline.request_bound(facts, limit, row["prefill_tflops"] * 1e12, cached, row["vision_tflops"] * 1e12)
+        row.update(prefill_roofline_ms=bound.prefill_ms, ttft_roofline_ms=bound.ttft_ms,
+                   roofline_bound_by=bound.prefill.bound_by, kv_cache_bytes=cached * facts.kv_bytes_per_position)
+    for row in rows:
+        row["prefill_vs_roofline"] = row["prefill_ms"] / row["prefill_roofline_ms"]
+        row["roofline_predicted_speedup"] = rows[0]["prefill_roofline_ms"] / row["prefill_roofline_ms"]
+    info = dict(layers=layers, of_layers=LLAVA15_7B["text_layers"], dtype=str(torch_dtype).removeprefix("torch."),
+                device=name, weights_gib=(needed - MEMORY_MARGIN_BYTES) / 2**30, roofline_device=limit.describe(),
+                matmul_tflops=tflops, copy_gbs=copy_gbs, threads=torch.get_num_threads())
+    return rows, info
+
+
+def format_realsize(rows: list[dict], info: dict) -> str:
+    part = ("all 32 decoder layers" if info["layers"] == info["of_layers"] else
+            f"{info['layers']} of its {info['of_layers']} decoder layers (each of exact size; the tower, "
+            "projector, embeddings and LM head whole)")
+    lines = [
+        f"LLaVA-1.5-7B's architecture, random weights, {part}: {info['weights_gib']:.1f} GiB of "
+        f"{info['dtype']} weights on {info['device']}. Roofline: {info['roofline_device']}.",
+        "",
+        "| method | budget | visual tokens in / kept | prompt tokens | vision ms | prefill ms (min-max) | TTFT ms "
+        "| prefill TFLOPs | prefill speed-up | FLOPs-predicted | roofline prefill ms | measured / roofline "
+        "| roofline-predicted | bound by | KV cache MiB | peak memory GiB |",
+        "|" + "---|" * 16,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {r['visual_tokens']} / {r['visual_tokens_after_pruning']} "
+            f"| {r['prompt_tokens']} | {r['vision_ms']:.1f} | {r['prefill_ms']:.1f} ({r['prefill_ms_min']:.1f}-"
+            f"{r['prefill_ms_max']:.1f}) | {r['ttft_ms']:.1f} | {r['prefill_tflops']:.3f} | {r['prefill_speedup']:.2f}x "
+            f"| {r['flops_predicted_speedup']:.2f}x | {r['prefill_roofline_ms']:.2f} | {r['prefill_vs_roofline']:.2f} "
+            f"| {r['roofline_predicted_speedup']:.2f}x | {r['roofline_bound_by']} | {r['kv_cache_bytes'] / 2**20:.1f} "
+            f"| {r['peak_memory_bytes'] / 2**30:.2f} |"
+        )
+    kind = rows[0]["peak_memory_kind"]
+    lines += ["", "peak memory: " + ("the CUDA allocator's peak during each request" if kind == "cuda_max_allocated"
+                                     else "the process's peak RSS, cumulative over the run (the weights dominate; "
+                                          "the KV-cache column is what a budget changes)")]
     return "\n".join(lines)

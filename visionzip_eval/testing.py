@@ -119,6 +119,7 @@ def tiny_llava_config(
     text_layers: int = 2,
     text_heads: int = 4,
     text_kv_heads: int = 2,
+    text_intermediate: int | None = None,  # None: 3 x text_hidden
 ) -> LlavaConfig:
     vision = CLIPVisionConfig(
         image_size=336,
@@ -133,7 +134,7 @@ def tiny_llava_config(
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=text_hidden,
-        intermediate_size=text_hidden * 3,
+        intermediate_size=text_intermediate or text_hidden * 3,
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
         num_key_value_heads=text_kv_heads,
@@ -152,15 +153,19 @@ def tiny_llava_config(
     )
 
 
-def _instantiate(model_class, config, tokenizer, seed: int, attn_implementation: str):
+def _instantiate(model_class, config, tokenizer, seed: int, attn_implementation: str,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """``model_class(config)`` under ``seed`` (the global RNG left as it was), eval mode, with the
-    attention implementation on every sub-config and the tokenizer's pad/eos ids."""
+    attention implementation on every sub-config and the tokenizer's pad/eos ids; its weights
+    are made in ``dtype`` on ``device`` (no float32 copy first: a 7B model in half precision
+    would need twice its size)."""
     config._attn_implementation = attn_implementation
     for sub in (config.vision_config, config.text_config):
         sub._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        model = model_class(config)
+        model = model_class(config) if dtype == torch.float32 else model_class._from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
@@ -178,6 +183,34 @@ def build_tiny_llava(
         **sizes,
     )
     return _instantiate(LlavaForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
+
+
+# llava-hf/llava-1.5-7b-hf's config.json: CLIP ViT-L/14 at 336 px (24 layers, 1024 wide, 16
+# heads, 4096 MLP), the 2-layer GELU projector, and Vicuna-7B (Llama: 4096 wide, 32 layers,
+# 32 heads, 11008 MLP) with a 32064-token vocabulary.
+LLAVA15_7B = dict(vision_hidden=1024, vision_layers=24, vision_heads=16, text_hidden=4096, text_layers=32,
+                  text_heads=32, text_kv_heads=32, text_intermediate=11008)
+LLAVA15_7B_VOCAB = 32064
+
+
+def llava15_7b_config(layers: int = 32) -> LlavaConfig:
+    """LLaVA-1.5-7B's exact architecture; ``layers`` < 32 keeps that many decoder layers (each
+    of exactly the 7B's size) for a machine that cannot hold all 32."""
+    if not (isinstance(layers, int) and 1 <= layers <= LLAVA15_7B["text_layers"]):
+        raise ValueError(f"layers must be 1 to {LLAVA15_7B['text_layers']}, got {layers!r}")
+    tokenizer = tiny_processor().tokenizer
+    return tiny_llava_config(vocab_size=LLAVA15_7B_VOCAB, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                             **{**LLAVA15_7B, "text_layers": layers})
+
+
+def build_llava15_7b_shape(layers: int = 32, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                           seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """LLaVA-1.5-7B's architecture with random weights (``bench realsize``): the tiny tokenizer
+    (the 32064-row embedding is the 7B's size whatever the tokenizer) and the CLIP processor."""
+    processor = tiny_processor()
+    model = _instantiate(LlavaForConditionalGeneration, llava15_7b_config(layers), processor.tokenizer, seed,
+                         "sdpa", dtype, device)
+    return model, processor
 
 
 def save_tiny_llava(directory: str | Path, seed: int = 0, **sizes: int) -> Path:
