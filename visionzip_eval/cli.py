@@ -82,6 +82,17 @@ def _cmd_bench_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_realsize(args: argparse.Namespace) -> int:
+    from visionzip_eval.bench import bench_realsize, format_realsize
+
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
+    rows, info = bench_realsize(budgets=tuple(args.budgets), repeats=args.repeats, layers=args.layers,
+                                dtype=args.dtype, device=args.device, max_minutes=args.max_minutes,
+                                methods=tuple(args.methods), progress=progress)
+    print(json.dumps(dict(rows=rows, run=info), indent=2) if args.json else format_realsize(rows, info))
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from visionzip_eval.methods import list_methods
 
@@ -136,6 +147,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     options = TableOptions(pope_metric=args.pope_metric, mme=args.mme, paper=not args.no_paper)
     report = write_report(args.results, options, plots=not args.no_plots)
     print(report.main_table)
+    if report.frames_table:
+        print("\n" + report.frames_table)
     print(f"\nreport written to {report.directory}/ ({len(report.paths)} files)")
     return 0
 
@@ -374,6 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=_cmd_bench_prefill)
+    b = bench.add_parser(
+        "realsize",
+        help="prefill and TTFT of LLaVA-1.5-7B's exact architecture (random weights) per budget",
+        description="LLaVA-1.5-7B's exact architecture (CLIP-L/336, projector, the 7B Llama: 4096 wide, 32 layers, "
+        "11008 MLP, vocab 32064) with random weights: median vision, prefill and TTFT per budget in one run "
+        "(round-robin), beside the FLOPs-predicted and roofline-predicted speed-ups, measured/roofline, the KV cache "
+        "and peak memory. fp16 on a GPU, float32 on a CPU (its bfloat16 matmul runs ~100x slower). Checks free "
+        "memory and the expected run time first and refuses in one line, naming a --layers that fits.",
+    )
+    b.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"], help="budgets, full first")
+    b.add_argument("--methods", nargs="+", default=["visionzip"], help="registered methods (default: visionzip)")
+    b.add_argument("--repeats", type=int, default=2, help="timed runs per budget (after one warm-up; default 2)")
+    b.add_argument("--layers", type=int, default=32,
+                   help="decoder layers to build, each of the 7B's exact size (default: all 32)")
+    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype (auto: float16 on a GPU, float32 on a CPU)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    b.add_argument("--max-minutes", type=float, default=30.0,
+                   help="refuse when the measured matmul rate says the run takes longer (default 30)")
+    b.add_argument("--json", action="store_true", help="print JSON (rows and run facts) instead of the table")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=_cmd_bench_realsize)
     return parser
 
 

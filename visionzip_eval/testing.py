@@ -203,6 +203,17 @@ def llava15_7b_config(layers: int = 32) -> LlavaConfig:
                              **{**LLAVA15_7B, "text_layers": layers})
 
 
+def llava_onevision_7b_config() -> LlavaOnevisionConfig:
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf's architecture: SigLIP-so400m at 384 px (26 of its
+    27 layers run: 1152 wide, 16 heads, 4304 MLP) and Qwen2-7B (3584 wide, 28 layers, 28 heads,
+    4 KV heads, 18944 MLP, vocab 152064); the report's frames table predicts its GPU time."""
+    text = Qwen2Config(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064)
+    vision = SiglipVisionConfig(hidden_size=1152, num_hidden_layers=26, intermediate_size=4304,
+                                num_attention_heads=16, image_size=384, patch_size=14)
+    return LlavaOnevisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+
+
 def build_llava15_7b_shape(layers: int = 32, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                            seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """LLaVA-1.5-7B's architecture with random weights (``bench realsize``): the tiny tokenizer

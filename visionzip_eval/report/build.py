@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from visionzip_eval.report.collect import Results, load_results
+from visionzip_eval.report.frames import frames_tables
 from visionzip_eval.report.plots import write_plots
 from visionzip_eval.report.render import blocks_csv, blocks_latex, blocks_markdown
 from visionzip_eval.report.tables import TableOptions, efficiency_tables, problems_markdown, score_tables
@@ -23,6 +24,7 @@ class Report:
     paths: list[Path] = field(default_factory=list)  # every file written, figures included
     problems: int = 0
     figures: list[Path] = field(default_factory=list)  # the figures written (PNG and PDF); none without a complete run
+    frames_table: str = ""  # Markdown of the frames-vs-cost tables, when the sweep varied max_frames
 
 
 class _Writer:
@@ -78,13 +80,20 @@ def write_report(results_dir: str | Path, options: TableOptions = TableOptions()
     writer.text("efficiency.md", eff_md)
     writer.text("efficiency.tex", blocks_latex(efficiency) if efficiency else "% no efficiency data\n")
     writer.text("efficiency.csv", blocks_csv(efficiency) if efficiency else "")
+    frames = frames_tables(results)  # only for checkpoints swept at several frame counts
+    if frames:
+        writer.text("frames.md", "\n\n".join([
+            "# VisionZip evaluation: frames vs. cost", f"Results: `{Path(results_dir)}` ({summary}).",
+            blocks_markdown(frames)]))
+        writer.text("frames.tex", blocks_latex(frames))
+        writer.text("frames.csv", blocks_csv(frames))
     writer.text("runs.csv", results.runs.to_csv(index=False))
     writer.text("collected.csv", results.frame.to_csv(index=False))
     figures = write_plots(results, writer.directory, options) if plots else []
     writer.paths += figures
     printed = main + ("\n\n" + problems if problems else "")
     return Report(directory=directory, main_table=printed, paths=writer.paths, problems=len(results.problems),
-                  figures=figures)
+                  figures=figures, frames_table=blocks_markdown(frames) if frames else "")
 
 
 def _summary_line(results: Results) -> str:

@@ -27,6 +27,7 @@ from visionzip_eval.noise import flag_noisy, probe_columns
 COLUMNS = [
     "run_id", "status", "error", "model", "pretrained", "method", "budget", "budget_total",
     "task", "benchmark", "limit", "seed",
+    "frames",  # frames sampled per video (the model's max_frames argument); empty when not set
     "metric", "filter", "value", "stderr", "scale", "score", "n_samples",
     "visual_tokens", "tokens_per_image", "full_tokens_per_image", "token_ratio",
     "requests", "warmup_requests", "failed_requests",
@@ -46,7 +47,7 @@ _NOISE_COLUMNS = ("noisy", "noise")
 
 REQUEST_COLUMNS = [
     "run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "doc_id",
-    "visual_tokens", "visual_tokens_after_pruning", "images", "videos", "tokens_per_image", "input_tokens_per_image",
+    "visual_tokens", "visual_tokens_after_pruning", "images", "videos", "frames", "tokens_per_image", "input_tokens_per_image",
     "prompt_tokens", "generated_tokens", "vision_ms", "prefill_ms", "decode_ms", "decode_ms_per_token", "ttft_ms", "total_ms",
     "peak_memory_bytes", "peak_memory_kind", "prefill_flops", "vision_flops", "batch_size",
     "warmup", "error", "measured", "device",
@@ -194,6 +195,7 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
         error=error,
         **identity,
         pretrained=model_cfg.get("pretrained"),
+        frames=(model_cfg.get("args") or {}).get("max_frames"),
         budget_total=_budget_total(identity["budget"]),
         benchmark=benchmark_key(identity["task"]) if identity["task"] else None,
         device=(info or {}).get("device") or config.get("device"),
@@ -206,7 +208,7 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
 
     requests = _read_requests(folder / records.EFFICIENCY_JSONL)
     if requests is not None:
-        for key in ("run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "device"):
+        for key in ("run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "device", "frames"):
             if key == "task":
                 continue  # a request knows its own task (a group run has several)
             requests[key] = base[key]
