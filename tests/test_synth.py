@@ -307,24 +307,6 @@ def test_shipped_model_loads_offline_with_the_real_architecture(trained):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), via_adapter.state_dict().values()))
 
 
-def test_app_answers_at_each_budget_and_restores_the_processor(trained):
-    from visionzip_eval.app import ask
-    from visionzip_eval.apply import applied_reducer
-    from visionzip_eval.visualize import CAPTION_HEIGHT
-
-    model, processor = trained
-    image = render(scenes(1, seed=11)[0])[0]
-    answer, tokens, picture = ask(model, processor, image, "64", "Is there a red circle in the image?")
-    assert answer.lower() in {"yes", "no"} and tokens == 64 and picture.size == (2 * 336 + 8, 336 + CAPTION_HEIGHT)
-    assert applied_reducer(model) is None  # scoped: nothing left applied
-    answer_full, tokens_full, picture_full = ask(model, processor, image, "full", "How many shapes are in the image?")
-    assert tokens_full == 576 and picture_full is None and answer_full.isdigit()
-    ids = processor(images=[image], text="USER: <image>\nx ASSISTANT:", return_tensors="pt")["input_ids"]
-    assert (ids == model.config.image_token_id).sum() == 576  # the processor expands to 576 again
-    with pytest.raises(ValueError, match="ask a question"):
-        ask(model, processor, image, "64", "  ")
-
-
 def test_tokenizer_spells_unknown_words_and_the_engine_skips_unspellable_stop_strings(trained):
     from visionzip_eval.engine import Engine, Generation, Request
 

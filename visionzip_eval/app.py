@@ -1,50 +1,98 @@
-"""``visionzip-eval app``: choose an image and a budget, see which tokens survive and what the
-model answers. The logic is :func:`ask` (plain Python, tested); gradio (the ``app`` extra:
-``pip install "visionzip-eval[app]"``) only draws the page around it.
+"""``visionzip-eval app``: the seed's two demos on one page (gradio, the ``app`` extra:
+``pip install "visionzip-eval[app]"``).
+
+- **Choose the tokens**: the image's patch grid; click patches (or two corners of a rectangle)
+  to toggle them, start from any registered method's selection at any budget, tick CLS, merge
+  the unchosen patches into VisionZip's contextual tokens; ask, and see the answer, how many
+  visual tokens the LLM received and the prefill time, optionally beside the answer with every
+  token. The conversation goes on over turns; its visual tokens are computed once.
+- **Redundancy view**: per tower layer, how the CLS attention concentrates on a few patches,
+  and how alike the rest are (``visionzip_eval.redundancy``).
+
+The logic is plain Python (``visionzip_eval.chat``, ``visionzip_eval.redundancy``, and
+:func:`redundancy_view` here); ``build_app`` only draws the page and keeps per-visitor state.
 """
 
-from __future__ import annotations
+import functools
+import io
+import re
+from pathlib import Path
 
-import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from visionzip_eval.backends import backend_for
-from visionzip_eval.budget import Budget
-from visionzip_eval.apply import tokens_per_image, visionzip_processor
-from visionzip_eval.methods.visionzip import VisionZip
+from visionzip_eval.chat import (
+    SCALE,
+    ChosenTokens,
+    Conversation,
+    base_unit,
+    grid_picture,
+    method_start,
+    patch_at,
+    patches_between,
+    unit_pixels,
+)
+from visionzip_eval.engine import Engine
+from visionzip_eval.methods.base import NoReduction
+from visionzip_eval.methods.registry import list_methods
 
-BUDGET_CHOICES = ["full", "192", "128", "64", "32"]
+BUDGET_CHOICES = ["192", "128", "64", "32", "16"]
+# the synthetic benchmark's question format (lmms-eval's POPE prompt), which the tiny model was trained on
+DEFAULT_QUESTION = "Is there a red circle in the image?\nAnswer the question using a single word or phrase."
+CLICK_MODES = ["toggle a patch", "rectangle: click two corners"]
+REUSE_NOTE = (
+    "The visual tokens are computed once per image and selection (the tower runs at the first turn) "
+    "and reused for every later turn: the method does not look at the text."
+)
 
 
-@torch.no_grad()
-def ask(model, processor, image: Image.Image, budget: str | int, question: str, max_new_tokens: int = 16):
-    """(answer, visual tokens the LLM received, selection picture or None at ``full``)."""
-    from visionzip_eval.visualize import visualize
+def open_image(path: str | None) -> Image.Image:
+    """The uploaded file as an RGB image, or a one-line error."""
+    if not path:
+        raise ValueError("choose an image first")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read {Path(path).name} as an image: {error}") from None
 
-    budget = Budget.parse(budget)
-    image = image.convert("RGB")
-    if not question.strip():
-        raise ValueError("ask a question about the image")
-    prompt = backend_for(model).chat_prompt(processor, [(question.strip(), None)], images=1)
-    reducer = None if budget.is_full else VisionZip(budget.dominant, budget.contextual)
-    picture = None if reducer is None else visualize(model, processor, image, [budget])[0]
-    parameter = next(model.parameters())
 
-    def generate():
-        wrapped = visionzip_processor(processor, model)
-        inputs = wrapped(images=[image], text=prompt, return_tensors="pt").to(parameter.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answer = wrapped.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return answer.strip(), tokens_per_image(model)
+def redundancy_view(engine: Engine, image: Image.Image, top_k: int = 54) -> tuple[Image.Image, str]:
+    """The redundancy figure of ``image``'s base unit and a one-paragraph summary."""
+    import matplotlib.pyplot as plt
 
-    if reducer is None:
-        answer, tokens = generate()
-    else:
-        with reducer(model):
-            answer, tokens = generate()
-        visionzip_processor(processor, model)  # back to the unreduced expansion
-    return answer, tokens, picture
+    from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
+
+    rows, cols = engine.backend.patch_grid
+    stats = tower_redundancy(engine.model, base_unit(engine, image), top_k=min(top_k, rows * cols - 1))
+    figure = redundancy_figure(stats, image)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    feature = stats.feature_layer
+    summary = (
+        f"At the feature layer (layer {feature + 1} of {len(stats.top_share)}) the top {stats.top_k} of "
+        f"{stats.grid[0] * stats.grid[1]} patches hold {100 * stats.top_share[feature]:.0f}% of the CLS attention "
+        f"(layer 1: {100 * stats.top_share[0]:.0f}%); normalised entropy {stats.entropy[feature]:.2f} "
+        f"(1 = uniform). The other patches' keys are {stats.to_neighbour.mean():.2f} cosine-similar to their "
+        f"nearest other non-dominant patch on average: what contextual merging exploits."
+    )
+    return Image.open(buffer).convert("RGB"), summary
+
+
+def parse_indices(text: str, total: int) -> list[int]:
+    """Patch indices typed as ``3, 17 40-45`` (ranges inclusive)."""
+    chosen: set[int] = set()
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None:
+            raise ValueError(f"cannot read patch {part!r}: write indices like 3, 17, 40-45")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high >= total or low > high:
+            raise ValueError(f"patch range {part} is outside 0..{total - 1}")
+        chosen.update(range(low, high + 1))
+    return sorted(chosen)
 
 
 def build_app(model, processor, examples: list[Image.Image] | None = None):
@@ -54,28 +102,235 @@ def build_app(model, processor, examples: list[Image.Image] | None = None):
     except ImportError as error:
         raise RuntimeError('the app needs gradio: pip install "visionzip-eval[app]"') from error
 
-    def on_submit(image, budget, question):
-        if image is None:
-            raise gr.Error("choose an image first")
-        try:
-            answer, tokens, picture = ask(model, processor, image, budget, question)
-        except ValueError as error:
-            raise gr.Error(str(error)) from error
-        return picture, f"{answer}", f"{tokens} visual tokens per image reach the LLM"
+    engine = Engine(model, processor)
+    backend = engine.backend
+    grid = backend.patch_grid
+    total = grid[0] * grid[1]
+    methods = [info.name for info in list_methods("pre-llm")]
+    probe = Image.new("RGB", (64, 48))
+    base_unit(engine, probe)  # refuses families without one fixed grid per tower input
+    anyres = "image_sizes" in engine.pixel_inputs([probe])
 
-    with gr.Blocks(title="VisionZip") as page:
-        gr.Markdown("# VisionZip: which visual tokens survive, and what the model answers")
+    def guarded(function):
+        """Run a handler, turning a ValueError into the page's one-line error."""
+
+        @functools.wraps(function)
+        def run(*args):
+            try:
+                return function(*args)
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+
+        return run
+
+    def selection_outputs(pixels, chosen, cls, contextual):
+        per_unit = len(chosen) + bool(cls) + int(contextual or 0)
+        extras = (" + CLS" if cls else "") + (f" + {int(contextual)} contextual" if contextual else "")
+        units = " per tower input (the base image and each crop get the same patches)" if anyres else ""
+        text = f"**{len(chosen)} of {total} patches chosen**{extras} → {per_unit} visual tokens{units}"
+        picture = None if pixels is None else grid_picture(pixels, grid, chosen)
+        return picture, sorted(chosen), text, ", ".join(map(str, sorted(chosen)))
+
+    def reducer_of(chosen, cls, contextual):
+        return ChosenTokens(patches=tuple(chosen), cls=bool(cls), contextual=int(contextual or 0))
+
+    # -- handlers -------------------------------------------------------------------------
+    def on_image(path, budget):
+        if not path:
+            return None, *selection_outputs(None, [], False, 0), False, 0, {}, [], [], "", "", ""
+        image = open_image(path)
+        start = method_start(engine, image, "visionzip", budget)
+        pixels = unit_pixels(engine, image)
+        return (pixels, *selection_outputs(pixels, start.patches, start.cls, start.contextual),
+                start.cls, start.contextual, {}, [], [], "", "", "")
+
+    def on_start(path, method, budget, pixels):
+        start = method_start(engine, open_image(path), method, budget)
+        return (*selection_outputs(pixels, start.patches, start.cls, start.contextual), start.cls, start.contextual)
+
+    def on_click(pixels, chosen, mode, corner, cls, contextual, event: gr.SelectData):
+        if pixels is None:
+            raise ValueError("choose an image first")
+        height, width = pixels.shape[0] * SCALE, pixels.shape[1] * SCALE  # grid_picture's size
+        patch = patch_at(event.index[0], event.index[1], grid, (width, height))
+        chosen = set(chosen)
+        if mode == CLICK_MODES[1]:
+            if corner is None:
+                picture, kept, text, listed = selection_outputs(pixels, chosen, cls, contextual)
+                return picture, kept, f"{text} · corner at patch {patch}: click the opposite corner", listed, patch
+            patches = patches_between(corner, patch, grid)
+            if corner in chosen:
+                chosen.difference_update(patches)
+            else:
+                chosen.update(patches)
+        else:
+            chosen ^= {patch}
+        return (*selection_outputs(pixels, chosen, cls, contextual), None)
+
+    def on_set(which):
+        def handler(pixels, chosen, cls, contextual):
+            new = {"all": set(range(total)), "none": set(), "invert": set(range(total)) - set(chosen)}[which]
+            return (*selection_outputs(pixels, new, cls, contextual), None)
+
+        return handler
+
+    def on_typed(text, pixels, cls, contextual):
+        return selection_outputs(pixels, parse_indices(text, total), cls, contextual)
+
+    def on_options(pixels, chosen, cls, contextual):
+        return selection_outputs(pixels, chosen, cls, contextual)
+
+    def on_send(path, question, chosen, cls, contextual, side_by_side, chats):
+        image = open_image(path)
+        if not question or not question.strip():
+            raise ValueError("ask a question about the image")
+        reducers = {"chosen": reducer_of(chosen, cls, contextual)}
+        if side_by_side:
+            reducers["full"] = NoReduction()
+        chats = dict(chats or {})
+        lines = []
+        for name, reducer in reducers.items():
+            conversation = chats.get(name)
+            restarted = conversation is not None and not conversation.matches(image, reducer)
+            if conversation is None or restarted:
+                conversation = chats[name] = Conversation(image, reducer)
+            turn = conversation.ask(engine, question)
+            what = "chosen tokens" if name == "chosen" else "all tokens"
+            if turn.encoded:
+                how = f"tower ran to compute them ({turn.encode_ms:.0f} ms)"
+                how += " (image or selection changed: new conversation)" if restarted else ""
+            else:
+                how = "reused from turn 1 (tower not run)"
+            lines.append(
+                f"**{what}**: {turn.visual_tokens} visual tokens reached the LLM · "
+                f"prefill {turn.prefill_ms:.1f} ms · turn {len(conversation.history)}: {how}"
+            )
+        if not side_by_side:
+            chats.pop("full", None)
+        return (
+            chats["chosen"].history[-1][1],
+            chats["full"].history[-1][1] if side_by_side else "",
+            "\n\n".join(lines),
+            messages(chats["chosen"]),
+            messages(chats.get("full")),
+            chats,
+        )
+
+    def on_redundancy(path):
+        return redundancy_view(engine, open_image(path))
+
+    # -- the page -------------------------------------------------------------------------
+    with gr.Blocks(title="VisionZip Demo-Chat") as page:
+        gr.Markdown(
+            "# VisionZip: choose the visual tokens the LLM sees\n"
+            f"Model: {backend.name}; {grid[0]}x{grid[1]} patches per tower input"
+            + (" (AnyRes: the image is cut into a base image and crops, one tower input each; the grid "
+               "is the base image, and the chosen patches are kept in every input)" if anyres else "")
+            + "."
+        )
+        pixels = gr.State(None)
+        chosen = gr.State([])
+        corner = gr.State(None)
+        chats = gr.State({})
         with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="pil", label="image")
-                budget = gr.Dropdown(BUDGET_CHOICES, value="64", label="visual tokens per image")
-                question = gr.Textbox(value="Is there a red circle in the image?", label="question")
-                button = gr.Button("Ask")
-            with gr.Column():
-                picture = gr.Image(type="pil", label="selection (yellow: kept; tint: merged; right: CLS attention)")
-                answer = gr.Textbox(label="answer")
-                tokens = gr.Markdown()
-        if examples:
-            gr.Examples([[e] for e in examples], inputs=[image])
-        button.click(on_submit, inputs=[image, budget, question], outputs=[picture, answer, tokens])
+            # png: example images reach the model losslessly (gradio's default is webp)
+            image = gr.Image(type="filepath", format="png", label="image", height=260, elem_id="image")
+            if examples:
+                gr.Examples([[example] for example in examples], inputs=[image], label="examples")
+        with gr.Tabs():
+            with gr.Tab("Choose the tokens and chat"):
+                with gr.Row():
+                    with gr.Column():
+                        picture = gr.Image(
+                            type="numpy", label="patch grid: click to toggle (yellow: chosen)", interactive=False,
+                            format="png", elem_id="grid", buttons=[],
+                        )
+                        mode = gr.Radio(CLICK_MODES, value=CLICK_MODES[0], label="click to", elem_id="mode")
+                        with gr.Row():
+                            visionzip_button = gr.Button("VisionZip selection", elem_id="visionzip")
+                            all_button = gr.Button("all", elem_id="all")
+                            none_button = gr.Button("none", elem_id="none")
+                            invert_button = gr.Button("invert", elem_id="invert")
+                        with gr.Row():
+                            method = gr.Dropdown(methods, value="visionzip", label="start from a method")
+                            budget = gr.Dropdown(BUDGET_CHOICES, value="64", label="at budget", allow_custom_value=True)
+                            start_button = gr.Button("start from it", elem_id="start")
+                        with gr.Row():
+                            cls = gr.Checkbox(
+                                value=False, label="send the CLS token too", elem_id="cls",
+                                interactive=backend.cls_token,
+                            )
+                            contextual = gr.Number(
+                                value=0, precision=0, minimum=0, elem_id="contextual",
+                                label="merge the unchosen patches into this many contextual tokens "
+                                "(VisionZip; 0: drop them)",
+                            )
+                        selected = gr.Markdown(elem_id="selection")
+                        indices = gr.Textbox(label="chosen patch indices (raster order; edit and press Enter)",
+                                             elem_id="indices")
+                    with gr.Column():
+                        question = gr.Textbox(value=DEFAULT_QUESTION, label="question", lines=2, elem_id="question")
+                        side_by_side = gr.Checkbox(value=False, label="side by side: also answer with all tokens",
+                                                   elem_id="side_by_side")
+                        with gr.Row():
+                            send = gr.Button("Send", variant="primary", elem_id="send")
+                            restart = gr.Button("New conversation", elem_id="restart")
+                        with gr.Row():
+                            answer = gr.Textbox(label="answer (chosen tokens)", interactive=False, elem_id="answer")
+                            answer_full = gr.Textbox(label="answer (all tokens)", interactive=False, visible=False,
+                                                     elem_id="answer_full")
+                        received = gr.Markdown(elem_id="received")
+                        gr.Markdown(REUSE_NOTE)
+                        chat_chosen = gr.Chatbot(label="with the chosen tokens", height=260)
+                        chat_full = gr.Chatbot(label="with all tokens", height=260, visible=False)
+            with gr.Tab("Redundancy view"):
+                gr.Markdown(
+                    "Per tower layer: the CLS token's attention over the patches, the share held by the top 54 "
+                    "patches and its entropy; at the feature layer, how similar the other patches are to each "
+                    "other and to the dominant ones (VisionZip's motivation)."
+                )
+                redundancy_button = gr.Button("Show the redundancy view of the image", elem_id="redundancy")
+                redundancy_picture = gr.Image(type="pil", label="redundancy", interactive=False, format="png")
+                redundancy_text = gr.Markdown(elem_id="redundancy_summary")
+
+        model_event = {"concurrency_limit": 1, "concurrency_id": "model"}  # one model: one run at a time
+        grid_outputs = [picture, chosen, selected, indices]
+        image.change(
+            guarded(on_image), [image, budget],
+            [pixels, *grid_outputs, cls, contextual, chats, chat_chosen, chat_full, answer, answer_full, received],
+            **model_event,
+        )
+        visionzip_button.click(
+            guarded(lambda path, b, p: on_start(path, "visionzip", b, p)), [image, budget, pixels],
+            [*grid_outputs, cls, contextual], **model_event,
+        )
+        start_button.click(guarded(on_start), [image, method, budget, pixels], [*grid_outputs, cls, contextual],
+                           **model_event)
+        picture.select(guarded(on_click), [pixels, chosen, mode, corner, cls, contextual], [*grid_outputs, corner])
+        for button, which in ((all_button, "all"), (none_button, "none"), (invert_button, "invert")):
+            button.click(on_set(which), [pixels, chosen, cls, contextual], [*grid_outputs, corner])
+        indices.submit(guarded(on_typed), [indices, pixels, cls, contextual], grid_outputs)
+        cls.input(on_options, [pixels, chosen, cls, contextual], grid_outputs)
+        contextual.input(on_options, [pixels, chosen, cls, contextual], grid_outputs)
+        send.click(
+            guarded(on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
+            [answer, answer_full, received, chat_chosen, chat_full, chats], **model_event,
+        )
+        question.submit(
+            guarded(on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
+            [answer, answer_full, received, chat_chosen, chat_full, chats], **model_event,
+        )
+        side_by_side.change(lambda on: (gr.update(visible=on),) * 2, [side_by_side], [chat_full, answer_full])
+        restart.click(
+            lambda: ({}, [], [], "", "", ""), None, [chats, chat_chosen, chat_full, answer, answer_full, received]
+        )
+        redundancy_button.click(guarded(on_redundancy), [image], [redundancy_picture, redundancy_text], **model_event)
     return page
+
+
+def messages(conversation: Conversation | None) -> list[dict]:
+    """A conversation as the chatbot's messages."""
+    out = []
+    for question, reply in conversation.history if conversation is not None else []:
+        out += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    return out

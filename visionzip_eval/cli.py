@@ -283,9 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "app",
-        help="interactive page: pick an image and a budget, see the selection and the answer (needs gradio)",
-        description="Serves a gradio page (pip install \"visionzip-eval[app]\") with the tiny trained model "
-        "by default: upload or pick an image, choose a budget, ask a question.",
+        help="Demo-Chat page: choose the visual tokens the LLM sees, chat about the image, redundancy view (needs gradio)",
+        description="Serves a gradio page (pip install \"visionzip-eval[app]\") with the tiny trained model and "
+        "synthetic scenes by default (CPU, offline). Choose the tokens: click patches on the image's grid, start "
+        "from any method's selection, tick CLS, merge the rest into contextual tokens; ask (several turns: the "
+        "visual tokens are computed once), optionally beside the answer with all tokens. Redundancy view: how "
+        "the tower's CLS attention concentrates, layer by layer.",
     )
     p.add_argument("--model", default="builtin:tiny-llava-synth", help="as for visualize")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
