@@ -90,3 +90,13 @@ def test_the_script_runs_the_accuracy_step_on_a_cpu_and_writes_a_candidate_basel
     assert sorted(run["visual_tokens"] for run in candidate["runs"].values()) == [64, 64, 576, 576]
     placeholder = json.loads((REPO / "baselines" / "gpu_ci.json").read_text())
     assert candidate["tolerances"] == placeholder["tolerances"]
+
+
+def test_parity_step_compares_fp16_with_the_same_weights_in_float32(tmp_path, monkeypatch):
+    """The step's own arithmetic, run on the CPU (half precision works there for the tiny model)."""
+    monkeypatch.setattr(gpu_check, "_need_cuda", lambda ctx: None)
+    figures = gpu_check.step_parity(gpu_check.Context(tmp_path, torch.device("cpu"), None, 200, print))
+    assert figures["model"] == gpu_check.TINY and figures["images"] == 4 and not figures["real_weights"]
+    for precision in ("float32", "reference"):
+        overlap = figures[f"fp16_{precision}_overlap_with_fp32"]
+        assert 0.9 <= overlap["min"] <= overlap["mean"] <= 1.0

@@ -8,7 +8,7 @@ the next, and the summary is rewritten after each (a kill loses nothing already 
    allocation, fp16 and bf16 matmul rates, and the engine end to end in fp16 at full and 64 tokens
    (``flash_attention_2`` when ``flash_attn`` is installed, ``sdpa`` otherwise).
 2. ``parity``: VisionZip's dominant tokens in fp16 (``selection_precision`` float32 and
-   reference) against the float32 tower, on real photos, with LLaVA-1.5-7B's weights when they are
+   reference) against the same weights in float32 arithmetic, on real photos, with LLaVA-1.5-7B's weights when they are
    in the Hugging Face cache, else the tiny trained model (said so).
 3. ``realsize``: ``bench realsize`` (LLaVA-1.5-7B's exact shape) in fp16 and bf16.
 4. ``accuracy``: MME + POPE at full and 64 tokens (``configs/ci_gpu.yaml``, limit 200; the tiny
@@ -140,15 +140,15 @@ def step_parity(ctx: Context) -> dict:
 
     _need_cuda(ctx)
     name = ctx.weights or TINY
-    half, processor = load_pretrained(name, torch.float16, ctx.device)
-    full, _ = load_pretrained(name, torch.float32, ctx.device)
+    model, processor = load_pretrained(name, torch.float16, ctx.device)
     photos = sample_images()
     pixels = processor.image_processor(images=list(photos.values()), return_tensors="pt")["pixel_values"].to(ctx.device)
     figures = dict(model=name, images=len(photos), real_weights=ctx.weights is not None)
-    reference = get_method("visionzip", "54+10").select(full, pixels).dominant_index
-    for precision in ("float32", "reference"):
-        method = get_method("visionzip", "54+10", selection_precision=precision)
-        ours = method.select(half, pixels.half()).dominant_index
+    half = {precision: get_method("visionzip", "54+10", selection_precision=precision).select(
+        model, pixels.half()).dominant_index for precision in ("float32", "reference")}
+    model.float()  # the same weights in float32 arithmetic; one copy on the GPU at a time
+    reference = get_method("visionzip", "54+10").select(model, pixels.float()).dominant_index
+    for precision, ours in half.items():
         shared = [len(set(a.tolist()) & set(b.tolist())) / a.numel() for a, b in zip(ours, reference)]
         figures[f"fp16_{precision}_overlap_with_fp32"] = dict(mean=sum(shared) / len(shared), min=min(shared))
     worst = figures["fp16_float32_overlap_with_fp32"]["min"]
