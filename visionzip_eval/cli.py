@@ -187,6 +187,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from visionzip_eval.tuning import TuneOptions, tune
+
+    _ensure_writable(args.output, "--output")
+    options = TuneOptions(**{name: getattr(args, name) for name in TuneOptions.__dataclass_fields__})
+    record = tune(options)
+    print(f"tuned {record['trained']} of {record['base_model']} under {record['method']} at {record['budget']}: "
+          f"{record['steps']} steps, final loss {record['final_loss']}, {record['step_seconds_median']} s/step, "
+          f"peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB ({record['peak_memory_kind']}) -> "
+          f"{_shown(args.output)}/ (evaluate it with pretrained={_shown(args.output)})")
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from visionzip_eval.tuning.cost import bench_train, format_train_rows
+
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
+    rows, info = bench_train(budgets=tuple(args.budgets), parts=tuple(args.train), repeats=args.repeats,
+                             batch=args.batch, tiny=args.tiny, device=args.device, progress=progress,
+                             realsize=args.realsize)
+    print(json.dumps(dict(rows=rows, run=info), indent=2) if args.json else format_train_rows(rows, info))
+    return 0
+
+
 def _load_model(name: str):
     """(model, processor) for visualize and app: fp16 on a GPU; the builtin tiny models on the CPU."""
     import torch
@@ -361,6 +385,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same weights)")
     p.set_defaults(func=_cmd_tiny_model)
 
+    p = sub.add_parser(
+        "tune",
+        help="fine-tune a llava-hf LLaVA under a token reduction (VisionZip‡: the projector, on LLaVA data)",
+        description="Fine-tunes PRETRAINED (llava-hf LLaVA-1.5) with the reduction applied in the forward exactly "
+        "as at evaluation, on LLaVA-format instruction data (a JSON list of {id, image, conversations}), loss on "
+        "the assistant replies only, with transformers' Trainer (mixed precision on a GPU, checkpoints, resume; "
+        "multi-GPU with torchrun / accelerate launch). OUTPUT loads with from_pretrained and as pretrained=OUTPUT; "
+        "its visionzip_tuning.json (written last) records what was trained, and the report labels its runs "
+        "VisionZip‡. Every input is checked before training starts.",
+    )
+    p.add_argument("--model", required=True, help="hub id, folder or builtin:tiny-llava-synth")
+    p.add_argument("--method", default="visionzip", help="a pre-LLM method (default: visionzip)")
+    p.add_argument("--budget", default="64", help="visual tokens per image: 64, 128, 192, a split 54+10, or full")
+    p.add_argument("--data", required=True, help="LLaVA instruction JSON (e.g. llava_v1_5_mix665k.json)")
+    p.add_argument("--image-folder", required=True, help="folder the samples' image paths are relative to")
+    p.add_argument("--train", default="projector", help="projector (default, the paper's), projector+llm, or all")
+    p.add_argument("--output", required=True, help="output folder (empty, or an unfinished run's with --resume)")
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (1)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate, cosine schedule (2e-5)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per device per step (16)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (1)")
+    p.add_argument("--data-fraction", type=float, default=1.0,
+                   help="seeded share of the samples to train on (the paper: 0.1 of mix665k)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset, data order and training (0)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--save-steps", type=int, default=500, help="checkpoint every this many steps (500)")
+    p.add_argument("--logging-steps", type=int, default=10, help="log loss, step time, memory every N steps (10)")
+    p.add_argument("--warmup", type=float, default=0.03, help="warm-up: ratio of the steps (<1) or steps (0.03)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
+    p.add_argument("--max-length", type=int, default=2048, help="longest sequence in tokens, image included (2048)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU with mixed precision, float32 on a CPU), float32, bfloat16, float16")
+    p.add_argument("--image-aspect", default=None, help="LLaVA-1.5 images: pad (the original recipe) or crop")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON (passed to the Trainer)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (0)")
+    p.set_defaults(func=_cmd_tune)
+
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     b = bench.add_parser(
@@ -390,6 +453,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=_cmd_bench_prefill)
+    b = bench.add_parser(
+        "train",
+        help="one training step (forward + backward) per budget and trained part, beside the FLOPs-predicted ratio",
+        description="On the CPU proxy VLM of bench prefill (CLIP-L tower, 8-layer 1024-wide Llama, random weights; "
+        "--tiny: a tiny one), or on a GPU when present: the time of one training step (forward + backward, no "
+        "optimizer update) at each budget, training the projector alone or everything, round-robin with the "
+        "min-max spread, beside the FLOPs-predicted speed-up, and the memory each step needs (CUDA peak on a GPU; "
+        "on a CPU the bytes autograd saves for backward, measured).",
+    )
+    b.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"], help="budgets, full first")
+    b.add_argument("--train", nargs="+", default=["projector", "all"], help="trained parts (projector all)")
+    b.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up; default 2)")
+    b.add_argument("--batch", type=int, default=1, help="samples per step (1)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    b.add_argument("--tiny", action="store_true", help="use the tiny model instead (a quick check)")
+    b.add_argument("--realsize", action="store_true",
+                   help="LLaVA-1.5-7B's exact architecture, random weights, float32 master weights (a GPU only)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=_cmd_bench_train)
     b = bench.add_parser(
         "realsize",
         help="prefill and TTFT of LLaVA-1.5-7B's exact architecture (random weights) per budget",

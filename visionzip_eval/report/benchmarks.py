@@ -100,12 +100,22 @@ UNREGISTERED_NAMES = {"none": "Vanilla", "fastv": "FastV", "sparsevlm": "SparseV
 _METHOD_ORDER = {"none": 0, "random": 1, "pool": 2, "tome": 3, "fastv": 4, "sparsevlm": 5, "visionzip": 9}
 
 
+# The paper's mark for a model fine-tuned under the reduction (VisionZip‡): report rows of runs
+# whose checkpoint ``visionzip-eval tune`` wrote carry it after their method label.
+TUNED_MARK = "‡"
+
+
 def method_name(method: str) -> str:
-    """``VisionZip``, ``VisPruner (important_ratio=0.25)`` (non-default options shown), ``Vanilla``."""
+    """``VisionZip``, ``VisPruner (important_ratio=0.25)`` (non-default options shown), ``Vanilla``;
+    ``VisionZip‡`` for a label ending in :data:`TUNED_MARK`."""
     from visionzip_eval.methods.registry import display_name
 
-    return UNREGISTERED_NAMES.get(str(method)) or display_name(str(method))
+    method = str(method)
+    if method.endswith(TUNED_MARK):
+        return method_name(method[: -len(TUNED_MARK)]) + TUNED_MARK
+    return UNREGISTERED_NAMES.get(method) or display_name(method)
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
-    return (_METHOD_ORDER.get(str(method).partition(",")[0], 8), str(method))
+    # a tuned row sorts right after its method's untuned one ("visionzip" < "visionzip‡")
+    return (_METHOD_ORDER.get(str(method).removesuffix(TUNED_MARK).partition(",")[0], 8), str(method))

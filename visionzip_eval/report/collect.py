@@ -40,7 +40,10 @@ COLUMNS = [
     "prefill_flops_median", "vision_flops_median", "tflops_median",
     "prefill_roofline_ms_median", "ttft_roofline_ms_median",
     "device", "dtype", "attn_implementation", "roofline_device", "roofline_reason", "seconds",
-    "probe_gflops", "probe_copy_gbs", "other_cpu_share", "noisy", "noise", "path",
+    "probe_gflops", "probe_copy_gbs", "other_cpu_share", "noisy", "noise",
+    # the model the run's checkpoint was tuned from under a reduction (VisionZip‡), from the
+    # checkpoint folder's visionzip_tuning.json (``visionzip-eval tune``); empty for others
+    "tuned_from", "tuned_method", "tuned_budget", "path",
 ]
 _EFFICIENCY_COLUMNS = COLUMNS[COLUMNS.index("requests"): COLUMNS.index("device")]
 _NOISE_COLUMNS = ("noisy", "noise")
@@ -203,6 +206,7 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
         attn_implementation=model_cfg.get("attn_implementation"),
         seconds=(info or {}).get("seconds"),
         **probe_columns((info or {}).get("machine")),
+        **_tuning(model_cfg.get("pretrained")),
         path=str(folder),
     )
 
@@ -251,6 +255,18 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
     if not rows:
         rows.append(dict(base, status=STATUS_FAILED, error="run.json says ok but holds no metric"))
     return rows, requests
+
+
+def _tuning(pretrained) -> dict:
+    """What ``visionzip-eval tune`` recorded in the run's checkpoint folder, if it is one (a
+    relative folder is read from the current directory, where the sweep ran)."""
+    from visionzip_eval.tuning import read_tuning
+
+    record = read_tuning(pretrained) if pretrained and not str(pretrained).startswith("builtin:") else None
+    if not record:
+        return dict(tuned_from=None, tuned_method=None, tuned_budget=None)
+    return dict(tuned_from=record.get("base_model"), tuned_method=record.get("method"),
+                tuned_budget=None if record.get("budget") is None else str(record.get("budget")))
 
 
 def _is_number(value) -> bool:

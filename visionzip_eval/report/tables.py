@@ -251,8 +251,26 @@ def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.
             task=first["task"], benchmark=first["benchmark"], seed=first["seed"],
             tokens_per_image=first["tokens_per_image"], full_tokens_per_image=first["full_tokens_per_image"],
             metric=metric, score=score, **_scale_and_chance(first["benchmark"], metric, facts),
+            tuned_from=first["tuned_from"] if isinstance(first["tuned_from"], str) else None,
+            tuned_as=f"{B.method_name(first['tuned_method'])} {first['tuned_budget']}"
+            if isinstance(first["tuned_from"], str) else None,
         ))
     return pd.DataFrame(rows)
+
+
+def _with_tuned_rows(cells: pd.DataFrame) -> pd.DataFrame:
+    """Runs of a checkpoint tuned under a reduction (``tuned_from``: the model it was tuned
+    from) get the paper's mark on their method (``visionzip‡``) and join the table of the
+    results' model with that ``pretrained``, when there is one, beside its untuned rows."""
+    tuned = cells["tuned_from"].notna()
+    if not tuned.any():
+        return cells
+    cells = cells.copy()
+    cells.loc[tuned, "method"] = cells.loc[tuned, "method"].astype(str) + B.TUNED_MARK
+    base = dict(cells.loc[~tuned, ["pretrained", "model"]].drop_duplicates("pretrained").itertuples(index=False))
+    cells.loc[tuned, "model"] = [base.get(source, model) for source, model in
+                                 zip(cells.loc[tuned, "tuned_from"], cells.loc[tuned, "model"])]
+    return cells
 
 
 def _group_key(budget: str, budget_total: float) -> float:
@@ -309,6 +327,7 @@ def score_tables(results: Results, options: TableOptions = TableOptions()) -> li
     cells = score_cells(results, options)
     if cells.empty:
         return []
+    cells = _with_tuned_rows(cells)
     blocks = []
     for model, mcells in cells.groupby("model", sort=True):
         blocks.append(_model_score_table(model, mcells, options))
@@ -316,15 +335,17 @@ def score_tables(results: Results, options: TableOptions = TableOptions()) -> li
 
 
 def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -> TableBlock:
-    pretrained = cells["pretrained"].dropna().iloc[0] if cells["pretrained"].notna().any() else None
+    tuned = cells["method"].astype(str).str.endswith(B.TUNED_MARK)
+    untuned = cells[~tuned] if (~tuned).any() else cells  # the references: the untuned model's own runs
+    pretrained = untuned["pretrained"].dropna().iloc[0] if untuned["pretrained"].notna().any() else None
     bench_keys = sorted(cells["benchmark"].dropna().unique(), key=B.sort_key)
     full_tokens = cells["full_tokens_per_image"].dropna()
     full_tokens = float(full_tokens.iloc[0]) if len(full_tokens) else math.nan
 
     mean = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].mean()
     counts = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].size()
-    full_cells = cells[cells["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
-    at_chance = chance_exclusions(cells)
+    full_cells = untuned[untuned["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
+    at_chance = chance_exclusions(untuned)
     avg_keys = [b for b in bench_keys if b not in at_chance]  # the benchmarks Avg is over
 
     groups: dict[float, dict] = {}
@@ -435,6 +456,15 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     if (counts > 1).any():
         notes.append(f"Cells are means over runs (seeds): up to {int(counts.max())} per cell.")
     notes.append("Bold (LaTeX, Markdown): best per column within a budget group among measured reduced rows.")
+    if tuned.any():
+        sources = "; ".join(f"{source}: tuned under {tuned_as}" for source, tuned_as in sorted(
+            set(zip(cells.loc[tuned, "pretrained"].astype(str), cells.loc[tuned, "tuned_as"].astype(str)))))
+        notes.append(
+            f"{B.TUNED_MARK} (the paper's notation): runs of a checkpoint fine-tuned under a reduction with "
+            f"`visionzip-eval tune` ({sources}; its visionzip_tuning.json says what was trained, on what, for how "
+            "long); the paper's VisionZip‡ is the row at the budget it was tuned at. Avg is against the untuned "
+            "model's full budget where the results hold it."
+        )
     if has_paper:
         notes.append(PAPER_NOTE)
         notes.append(
