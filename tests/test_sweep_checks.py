@@ -82,3 +82,15 @@ def test_loguru_handlers_added_during_a_run_do_not_outlive_its_log(tmp_path):
     assert f"evaluating {second.id}" in logs[1]
     assert not any("Logging error" in log or "closed file" in log for log in logs)
     assert set(logger._core.handlers) == before
+
+
+def test_odd_limit_with_mme_is_refused_before_any_run(tmp_path, capsys):
+    """lmms-eval's MME aggregation asserts on an unpaired question, after the whole run."""
+    path = write_config(tmp_path, tasks=["visionzip_smoke_mme", "visionzip_smoke_pope"], limit=3)
+    assert main(["sweep", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "limit 3 is odd, and MME (visionzip_smoke_mme) scores its questions in pairs: use an even limit (4)" in err
+    assert "\n" not in err
+    assert not (tmp_path / "out").exists()
+    path = write_config(tmp_path, tasks=["visionzip_smoke_pope"], limit=3)
+    assert main(["sweep", str(path), "--dry-run"]) == 0

@@ -125,6 +125,18 @@ class SweepConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _mme_limit_even(self) -> SweepConfig:
+        """lmms-eval scores MME's questions in pairs (two per image) and asserts on a lone one at
+        aggregation, after the whole run: an odd limit would fail every MME run at its end."""
+        from visionzip_eval.report.benchmarks import benchmark_key
+
+        mme = [task for task in self.tasks if benchmark_key(task) == "MME"]
+        if self.limit is not None and self.limit % 2 and mme:
+            raise ValueError(f"limit {self.limit} is odd, and MME ({', '.join(mme)}) scores its questions in "
+                             f"pairs: use an even limit ({self.limit + 1})")
+        return self
+
+    @model_validator(mode="after")
     def _methods_build(self) -> SweepConfig:
         """Options that are each valid but not together (VisionZip's selection_precision=reference
         with merge=average) fail here, not in every run."""
