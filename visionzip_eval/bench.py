@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -216,6 +217,7 @@ def _resolve(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]
     return device, DTYPES[dtype]
 
 
+@lru_cache(maxsize=None)  # the fit check and the time estimate both ask
 def _parameter_counts(layers: int) -> tuple[int, int, int]:
     """(all parameters, one decoder layer's, the vision tower's + projector's) of the 7B shape,
     counted on the meta device (nothing allocated)."""
@@ -258,21 +260,12 @@ def check_fits(layers: int, dtype: torch.dtype, free_bytes: int) -> int:
 def matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
     """Best-of-``repeats`` rate of a square matmul as large as the 7B's (1024 on a CPU, 8192 on
     a GPU) in ``dtype``: what the run's compute can reach, and how long it will take."""
-    from visionzip_eval.profiling import StageClock
+    from visionzip_eval.profiling import best_seconds
 
     size = 8192 if device.type == "cuda" else 1024
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    a @ b  # untimed warm-up
-    times = []
-    for _ in range(repeats):
-        clock = StageClock(device)
-        clock.mark("a")
-        a @ b
-        clock.mark("b")
-        clock.finish()
-        times.append(clock.ms("a", "b") / 1e3)
-    return 2 * size**3 / max(min(times), 1e-9) / 1e12
+    return 2 * size**3 / best_seconds(lambda: a @ b, device, repeats) / 1e12
 
 
 def estimate_seconds(layers: int, budgets, methods, repeats: int, tflops: float) -> float:

@@ -9,7 +9,7 @@ never presented as per-request). FLOPs come from the model config, 2 per multipl
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import resource
 import sys
@@ -179,6 +179,22 @@ PROBE_MATMUL = 256  # CPU: a 256 x 256 fp32 matmul (33 MFLOP, ~1 ms); CUDA: 4096
 PROBE_COPY_BYTES = 16 * 2**20  # a 16 MiB copy (memory bandwidth)
 
 
+def best_seconds(fn: Callable[[], object], device: torch.device | str, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` on ``device`` (the stage clock), after one
+    untimed call: first-touch page faults and allocator warm-up are not machine speed, and the
+    minimum is the stable estimator on a shared machine."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        clock = StageClock(device)
+        clock.mark("a")
+        fn()
+        clock.mark("b")
+        clock.finish()
+        times.append(clock.ms("a", "b") / 1e3)
+    return max(min(times), 1e-9)
+
+
 def machine_probe(device: torch.device | str = "cpu", repeats: int = 7) -> dict:
     """A snapshot of the machine's speed and load, taken before and after each run.
 
@@ -199,22 +215,10 @@ def machine_probe(device: torch.device | str = "cpu", repeats: int = 7) -> dict:
     source = torch.empty(PROBE_COPY_BYTES // 4, device=device)
     target = torch.empty_like(source)
 
-    def best(fn) -> float:
-        fn()  # untimed: first-touch page faults and allocator warm-up are not machine speed
-        times = []
-        for _ in range(repeats):
-            clock = StageClock(device)
-            clock.mark("a")
-            fn()
-            clock.mark("b")
-            clock.finish()
-            times.append(clock.ms("a", "b") / 1e3)
-        return max(min(times), 1e-9)
-
     snapshot = {
         "time": time.time(),
-        "matmul_gflops": 2 * size**3 / best(lambda: a @ b) / 1e9,
-        "copy_gbs": 2 * PROBE_COPY_BYTES / best(lambda: target.copy_(source)) / 1e9,
+        "matmul_gflops": 2 * size**3 / best_seconds(lambda: a @ b, device, repeats) / 1e9,
+        "copy_gbs": 2 * PROBE_COPY_BYTES / best_seconds(lambda: target.copy_(source), device, repeats) / 1e9,
         "cores": os.cpu_count(),
     }
     try:

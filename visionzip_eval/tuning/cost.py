@@ -26,7 +26,6 @@ its attention score and value products (both operands activations: always twice 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -97,7 +96,7 @@ def bench_train(
     from visionzip_eval.bench import CLIP_L, PROXY_LLM
     from visionzip_eval.budget import Budget
     from visionzip_eval.methods import MethodSpec
-    from visionzip_eval.profiling import DecoderShape
+    from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock
     from visionzip_eval.testing import build_llava15_7b_shape, build_tiny_llava, sample_images
     from visionzip_eval.tuning.data import encode_conversation
     from visionzip_eval.tuning.tune import TRAIN_PARTS, freeze
@@ -134,13 +133,14 @@ def bench_train(
             input_ids=torch.tensor([ids] * batch, device=device), labels=torch.tensor([labels] * batch, device=device),
             attention_mask=torch.ones(batch, len(ids), dtype=torch.long, device=device), pixel_values=pixels.to(device))
 
+    memory = PeakMemory(device)
+
     def step(label: str, measure_saved: bool) -> tuple[float, int | None, int | None]:
         model.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        memory.reset()
         saved = SavedBytes(model)
-        start = time.perf_counter()
+        clock = StageClock(device)
+        clock.mark("start")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             if measure_saved:
                 with saved:
@@ -148,11 +148,10 @@ def bench_train(
             else:
                 loss = model(**inputs[label]).loss
         loss.backward()
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
-        return seconds, saved.total if measure_saved else None, peak
+        clock.mark("end")
+        clock.finish()
+        peak = memory.read() if cuda else None  # a CPU's peak RSS only grows: not per step
+        return clock.ms("start", "end") / 1e3, saved.total if measure_saved else None, peak
 
     configs = [(part, budget.label) for part in parts for budget in parsed]
     times: dict = {c: [] for c in configs}
