@@ -37,10 +37,10 @@ from visionzip_eval.apply import visionzip_processor
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, backend_for
 from visionzip_eval.engine import Engine, Generation, Request
 from visionzip_eval.methods.base import TokenReducer
-from visionzip_eval.methods.registry import MethodSpec, list_methods
+from visionzip_eval.methods.registry import MethodSpec
 from visionzip_eval.methods.visionzip import VisionZip
 from visionzip_eval.selection import MergeRule, Selection, gather_rows, merge_contextual
-from visionzip_eval.visualize import DOMINANT_OUTLINE, _outline, _processed_pixels
+from visionzip_eval.visualize import DOMINANT_OUTLINE, outline, processed_pixels
 
 MAX_NEW_TOKENS = 32
 
@@ -153,7 +153,7 @@ def base_unit(engine: Engine, image: Image.Image) -> torch.Tensor:
 
 def unit_pixels(engine: Engine, image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8: the base unit as the tower sees it (what the grid is drawn on)."""
-    return _processed_pixels(engine.processor, base_unit(engine, image))
+    return processed_pixels(engine.processor, base_unit(engine, image))
 
 
 @torch.no_grad()
@@ -162,7 +162,7 @@ def method_start(engine: Engine, image: Image.Image, method: str, budget: str | 
     edit. VisionZip's comes with CLS and its contextual count, so it reproduces VisionZip."""
     spec = MethodSpec.parse(method)
     reducer = spec.build(budget)
-    if spec.name in {info.name for info in list_methods("in-llm")}:
+    if reducer.kind == "in-llm":
         raise ValueError(
             f"{spec.name} prunes inside the LLM, guided by the question: it selects nothing before the LLM"
         )
@@ -203,7 +203,7 @@ def grid_picture(pixels: np.ndarray, grid: tuple[int, int], chosen: Iterable[int
     out = np.where(dim[..., None], picture * _DIM, picture).round().astype(np.uint8)
     out[::ph] = _GRID_LINE
     out[:, ::pw] = _GRID_LINE
-    _outline(out, mask, DOMINANT_OUTLINE)
+    outline(out, mask, DOMINANT_OUTLINE)
     return out
 
 

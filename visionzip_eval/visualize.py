@@ -57,7 +57,7 @@ class SelectionMap:
     attention: np.ndarray  # (rows, cols) float: CLS attention summed over heads
 
 
-def _processed_pixels(processor, pixel_values: torch.Tensor) -> np.ndarray:
+def processed_pixels(processor, pixel_values: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
     image = (pixel_values[0].float().cpu() * std + mean).clamp(0, 1)
@@ -83,7 +83,7 @@ def selection_map(model, processor, image: Image.Image, budget: Budget | int | s
     target[selection.contextual_index[0].cpu().numpy() - offset] = True
     return SelectionMap(
         budget=budget,
-        pixels=_processed_pixels(processor, pixel_values),
+        pixels=processed_pixels(processor, pixel_values),
         grid=(rows, cols),
         dominant=slot < budget.dominant,
         cluster=np.where(slot < budget.dominant, -1, slot - budget.dominant),
@@ -97,7 +97,7 @@ def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     return grid.repeat(height // rows, axis=0).repeat(width // cols, axis=1)
 
 
-def _outline(panel: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+def outline(panel: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
     height, width = panel.shape[:2]
     ph, pw = height // mask.shape[0], width // mask.shape[1]
     for r, c in zip(*np.nonzero(mask)):
@@ -123,8 +123,8 @@ def selection_panel(view: SelectionMap) -> np.ndarray:
     tinted = _tinted(view.pixels, _upsample(tint, height, width))
     merged = _upsample(~view.dominant, height, width)[..., None]
     panel = np.where(merged, tinted, view.pixels.astype(np.float32)).round().astype(np.uint8)
-    _outline(panel, view.dominant, DOMINANT_OUTLINE)
-    _outline(panel, view.target, TARGET_OUTLINE)
+    outline(panel, view.dominant, DOMINANT_OUTLINE)
+    outline(panel, view.target, TARGET_OUTLINE)
     return panel
 
 

@@ -81,10 +81,10 @@ def write_report(results_dir: str | Path, options: TableOptions = TableOptions()
     writer.text("efficiency.tex", blocks_latex(efficiency) if efficiency else "% no efficiency data\n")
     writer.text("efficiency.csv", blocks_csv(efficiency) if efficiency else "")
     frames = frames_tables(results)  # only for checkpoints swept at several frame counts
+    frames_md = blocks_markdown(frames) if frames else ""
     if frames:
         writer.text("frames.md", "\n\n".join([
-            "# VisionZip evaluation: frames vs. cost", f"Results: `{Path(results_dir)}` ({summary}).",
-            blocks_markdown(frames)]))
+            "# VisionZip evaluation: frames vs. cost", f"Results: `{Path(results_dir)}` ({summary}).", frames_md]))
         writer.text("frames.tex", blocks_latex(frames))
         writer.text("frames.csv", blocks_csv(frames))
     writer.text("runs.csv", results.runs.to_csv(index=False))
@@ -93,7 +93,7 @@ def write_report(results_dir: str | Path, options: TableOptions = TableOptions()
     writer.paths += figures
     printed = main + ("\n\n" + problems if problems else "")
     return Report(directory=directory, main_table=printed, paths=writer.paths, problems=len(results.problems),
-                  figures=figures, frames_table=blocks_markdown(frames) if frames else "")
+                  figures=figures, frames_table=frames_md)
 
 
 def _summary_line(results: Results) -> str:

@@ -23,7 +23,7 @@ from functools import lru_cache
 import pandas as pd
 
 from visionzip_eval import roofline
-from visionzip_eval.report.collect import Results
+from visionzip_eval.report.collect import Results, _stat
 from visionzip_eval.report.tables import Column, TableBlock, _row_at_budget
 
 PREDICTION_DEVICE = "NVIDIA H100 SXM"
@@ -80,11 +80,6 @@ def predicted_ttft_ms(name: str, frames: int, budget: str, text_tokens: float) -
     return bound.ttft_ms
 
 
-def _median(values: pd.Series) -> float:
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    return float(values.median()) if len(values) else math.nan
-
-
 def frames_tables(results: Results) -> list[TableBlock]:
     """One table per checkpoint swept at two or more frame counts; none otherwise."""
     requests = results.requests
@@ -99,14 +94,14 @@ def frames_tables(results: Results) -> list[TableBlock]:
             continue
         rows = []
         for (frames, method, budget), cell in group.groupby(["frames", "method", "budget"], sort=False):
-            text = _median(cell["prompt_tokens"] - cell["visual_tokens"])
+            text = _stat(cell["prompt_tokens"] - cell["visual_tokens"], None)
             row = dict(
                 frames=int(frames), method=method, budget=budget, group=f"{int(frames)} frames",
                 label=_row_at_budget(dict(method=method, budget=budget, budget_total=cell["budget_total"].iloc[0])),
                 source="measured",
-                visual_tokens=_median(cell["visual_tokens"]),
-                tflops=_median(cell["prefill_flops"] + cell["vision_flops"]) / 1e12,
-                ttft_ms=_median(cell["ttft_ms"]), text_tokens=text,
+                visual_tokens=_stat(cell["visual_tokens"], None),
+                tflops=_stat(cell["prefill_flops"] + cell["vision_flops"], None) / 1e12,
+                ttft_ms=_stat(cell["ttft_ms"], None), text_tokens=text,
             )
             for name in REFERENCE_MODELS:
                 row[f"{name}_ms"] = predicted_ttft_ms(name, int(frames), budget, text)
