@@ -201,6 +201,48 @@ def test_accelerate_command(tmp_path):
     assert command[command.index("--include_path") + 1] == str(REPO / "tasks")
 
 
+def test_both_executors_give_the_adapter_the_same_model_args(tmp_path, monkeypatch):
+    """Non-default max_new_tokens and warmup reach the adapter under accelerate too (they were
+    dropped there), and the in-process executor passes exactly what accelerate's command line does."""
+    from visionzip_eval.lmms import adapter
+    from visionzip_eval.sweep.runner import evaluate_in_process
+
+    methods = [{"name": "vispruner", "important_ratio": 0.25}]
+    config = load_config(write_config(
+        tmp_path, methods=methods, budgets=[64], tasks=["visionzip_smoke_pope"],
+        lmms_eval={"max_new_tokens": 7, "warmup": 3, "batch_size": 2},
+        models=[{"name": "tiny", "pretrained": "builtin:tiny-llava", "dtype": "float32",
+                 "attn_implementation": "eager", "args": {"max_frames": 5}}],
+    ))
+    (run,) = plan(config)
+    command = accelerate_command(config, run, tmp_path / "w")
+    launched = dict(pair.split("=", 1) for pair in command[command.index("--model_args") + 1].split(","))
+    assert launched["max_new_tokens"] == "7" and launched["warmup"] == "3"
+    assert command[command.index("--batch_size") + 1] == "2"
+
+    received = {}
+
+    class Stop(Exception):
+        pass
+
+    def recorder(**kwargs):
+        received.update(kwargs)
+        raise Stop
+
+    class Cache:
+        device = "cpu"
+
+        def get(self, spec):
+            return "the cached model"
+
+    monkeypatch.setattr(adapter, "VisionZipLMM", recorder)
+    with pytest.raises(Stop):
+        evaluate_in_process(run, config, Cache(), tmp_path / "w")
+    assert received.pop("model") == "the cached model" and received.pop("device") == "cpu"
+    assert received.pop("batch_size") == 2
+    assert {key: str(value) for key, value in received.items()} == launched
+
+
 def test_method_options_travel_typed_from_config_to_run_folder_and_adapter(tmp_path):
     from visionzip_eval.lmms.adapter import VisionZipLMM
     from visionzip_eval.testing import build_tiny_llava

@@ -14,7 +14,7 @@ from typing import Callable
 
 from visionzip_eval.sweep.config import SweepConfig
 from visionzip_eval.sweep.plan import Run, model_spec
-from visionzip_eval.sweep.runner import ModelCache, Outcome, execute_run, resolve_device
+from visionzip_eval.sweep.runner import ModelCache, Outcome, execute_run, model_args, resolve_device
 
 
 def shard(runs: list[Run], count: int) -> list[list[Run]]:
@@ -163,18 +163,7 @@ def run_slurm(
 
 def accelerate_command(config: SweepConfig, run: Run, work: Path) -> list[str]:
     """``accelerate launch -m lmms_eval ...`` for one run (data parallel over the processes)."""
-    spec = model_spec(config, run.model)
-    args = {
-        "pretrained": spec.pretrained,
-        "budget": run.budget.label,
-        "method": run.method.name,
-        **dict(run.method.options),
-        "dtype": spec.dtype,
-        "seed": run.seed,
-        "output_dir": str(work),
-        **({"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}),
-        **spec.args,
-    }
+    args = model_args(config, run, work)
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", str(config.executor.accelerate_processes),

@@ -119,6 +119,26 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def model_args(config: SweepConfig, run: Run, work: Path) -> dict:
+    """The adapter's model_args for one run, as plain values (what ``--model_args`` carries):
+    the one place both executors, in-process and ``accelerate launch``, take them from.
+    ``batch_size`` is not among them: lmms-eval passes its own ``--batch_size`` to the adapter."""
+    spec = model_spec(config, run.model)
+    return {
+        "pretrained": spec.pretrained,
+        "budget": run.budget.label,
+        "method": run.method.name,
+        **dict(run.method.options),
+        "dtype": spec.dtype,
+        "seed": run.seed,
+        "max_new_tokens": config.lmms_eval.max_new_tokens,
+        "warmup": config.lmms_eval.warmup,
+        "output_dir": str(work),
+        **({"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}),
+        **spec.args,
+    }
+
+
 def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: Path) -> dict:
     """lmms-eval's simple_evaluate on this worker's cached model; returns metrics."""
     from lmms_eval import evaluator
@@ -128,20 +148,12 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
     from visionzip_eval.lmms.adapter import VisionZipLMM
     from visionzip_eval.lmms.results import check_results
 
-    spec = model_spec(config, run.model)
     options = config.lmms_eval
     lm = VisionZipLMM(
-        model=cache.get(spec),
-        pretrained=spec.pretrained,
-        budget=run.budget,
-        method=run.method,
+        model=cache.get(model_spec(config, run.model)),
         device=cache.device,
-        seed=run.seed,
         batch_size=options.batch_size,
-        max_new_tokens=options.max_new_tokens,
-        warmup=options.warmup,
-        output_dir=str(work),
-        **spec.args,
+        **model_args(config, run, work),
     )
     try:
         tracker = EvaluationTracker(output_path=str(work / "lmms_eval"))
