@@ -39,3 +39,21 @@ def test_latest_results_file_and_load(tmp_path):
     new.write_text('{"results": ')
     with pytest.raises(RunFailed, match="not valid JSON"):
         load_checked(tmp_path, ["pope"])
+
+
+def test_one_rule_for_the_newest_results_file_by_name_not_file_time(tmp_path):
+    """The sweep's check and the report's reader pick the same file: the last by its dated name,
+    at any depth, even when a copy left the older file with the newer modification time."""
+    import os
+
+    from visionzip_eval.records import RunFolder
+
+    lmms = tmp_path / "lmms_eval" / "model"
+    lmms.mkdir(parents=True)
+    new = lmms / "20260102_000000_results.json"
+    new.write_text(json.dumps(RESULTS))
+    old = lmms / "20260101_000000_results.json"
+    old.write_text(json.dumps({"results": {}}))
+    os.utime(new, (1_000_000, 1_000_000))  # as `cp` without -p leaves them: the older file looks newer
+    assert latest_results_file(tmp_path / "lmms_eval") == new
+    assert RunFolder(tmp_path).results() == RESULTS

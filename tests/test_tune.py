@@ -342,3 +342,30 @@ def test_report_labels_runs_of_a_tuned_checkpoint_with_the_double_dagger(tmp_pat
     assert dagger["group"] == plain["group"] and dagger["GQA"] == pytest.approx(plain["GQA"] * 1.02)
     assert dagger["Avg"] > plain["Avg"]  # against the untuned model's full budget
     assert any("‡" in note and "visionzip-eval tune" in note for note in block.notes)
+
+
+def test_the_sweep_records_the_checkpoint_tuning_in_run_json_and_the_report_reads_it_there(tmp_path, monkeypatch):
+    """The provenance travels in run.json, read when the run ran: the report needs neither the
+    checkpoint folder nor the directory the sweep ran in."""
+    from visionzip_eval.records import read_run_json
+    from visionzip_eval.report.collect import collect
+    from visionzip_eval.report.synthetic import PRETRAINED
+    from visionzip_eval.sweep.config import SweepConfig
+    from visionzip_eval.sweep.plan import plan
+    from visionzip_eval.sweep.runner import ModelCache, execute_run, run_dir
+
+    monkeypatch.chdir(tmp_path)
+    record = {"base_model": PRETRAINED, "method": "visionzip", "budget": "64", "trained": ["projector"]}
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / TUNING_JSON).write_text(json.dumps(record))
+    config = SweepConfig.model_validate(dict(
+        name="t", models=[{"name": "tuned", "pretrained": "tuned"}], budgets=[64], tasks=["pope"]))
+    (run,) = plan(config)
+    out = tmp_path / "out"
+    outcome = execute_run(run, config, out, ModelCache("cpu"),
+                          evaluate=lambda *args: {"metrics": {"pope_f1_score,none": 0.8}})
+    assert outcome.status == "ok" and read_run_json(run_dir(out, run))["tuning"] == record
+    (tmp_path / "tuned" / TUNING_JSON).unlink()
+    monkeypatch.chdir(tmp_path / "out")
+    row = collect(out).iloc[0]
+    assert (row["tuned_from"], row["tuned_method"], row["tuned_budget"]) == (PRETRAINED, "visionzip", "64")

@@ -1,5 +1,5 @@
-"""The run-folder format, owned here: the sweep writes with it, the report reads with it, and
-test fixtures are generated from it (``report/synthetic.py``).
+"""The run-folder format, owned here: the sweep writes with it, the report reads it through
+:class:`RunFolder`, and test fixtures are generated from it (``report/synthetic.py``).
 
 ``OUTPUT/runs/<run id>/`` holds ``config.yaml``, ``run.log``, lmms-eval's results and samples
 under ``lmms_eval/``, ``efficiency.jsonl`` (one row per request, ``EFFICIENCY_FIELDS``) and
@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 STATUS_OK, STATUS_FAILED, STATUS_INCOMPLETE = "ok", "failed", "incomplete"
 
 RUN_JSON = "run.json"
@@ -21,6 +23,11 @@ CONFIG_YAML = "config.yaml"
 RUN_LOG = "run.log"
 EFFICIENCY_JSONL = "efficiency.jsonl"
 LMMS_EVAL_DIR = "lmms_eval"
+RUNS_DIR = "runs"
+LOCKS_DIR = "locks"
+# lmms-eval's files, ``<date>_results.json`` and ``<date>_samples_<task>.jsonl`` (date: YYYYMMDD_HHMMSS)
+RESULTS_SUFFIX = "_results.json"
+SAMPLES_INFIX = "_samples_"
 
 IDENTITY = ("model", "method", "budget", "task", "limit", "seed")
 FULL_METHOD = "none"  # the method label of full-budget runs: no reduction, whatever the method
@@ -69,10 +76,6 @@ def partial_run_id(folder_name: str) -> str | None:
     return None
 
 
-def is_replaced(folder_name: str) -> bool:
-    return folder_name.startswith(".") and ".replaced-" in folder_name
-
-
 def _to_int(text):
     try:
         return int(text)
@@ -101,6 +104,10 @@ class RunRecord:
     # what the report's roofline needs about the model and device (roofline.describe); empty in
     # runs recorded before it existed and in accelerate-launched ones: they get no bound
     roofline: dict = field(default_factory=dict)
+    # what ``visionzip-eval tune`` recorded in the checkpoint folder (its visionzip_tuning.json),
+    # read when the run ran; None for a checkpoint not tuned by it (and in runs recorded before
+    # this field existed: the report then looks in the checkpoint folder itself).
+    tuning: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -130,3 +137,95 @@ def efficiency_row(**fields) -> dict:
     row = dict.fromkeys(EFFICIENCY_FIELDS)
     row.update(fields)
     return row
+
+
+# -- reading a run folder ----------------------------------------------------------------------
+def newest(files) -> Path | None:
+    """The newest of lmms-eval's dated files: the last by file name, whose date sorts as text
+    (file times are not trusted: copying a results folder changes them)."""
+    files = sorted(files, key=lambda path: (path.name, str(path)))
+    return files[-1] if files else None
+
+
+def newest_results_file(lmms_dir: Path) -> Path | None:
+    """The newest ``*_results.json`` under ``lmms_dir``, at any depth (lmms-eval's command line
+    writes into a folder per model), None when there is none."""
+    lmms_dir = Path(lmms_dir)
+    return newest(lmms_dir.rglob(f"*{RESULTS_SUFFIX}")) if lmms_dir.is_dir() else None
+
+
+def newest_samples_file(lmms_dir: Path, task: str) -> Path | None:
+    """The newest ``*_samples_<task>.jsonl`` under ``lmms_dir``, by the same rule."""
+    lmms_dir = Path(lmms_dir)
+    if not lmms_dir.is_dir():
+        return None
+    return newest(p for p in lmms_dir.rglob(f"*{SAMPLES_INFIX}{task}.jsonl") if p.is_file())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; blank and torn lines (a killed writer's last) skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One folder under ``OUTPUT/runs/``, read-only: each accessor reads its file when called
+    (call once and keep the value) and answers None / empty for a missing or unreadable file."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str | None:
+        """The run id the folder name gives (a ``.<id>.partial-*`` folder's too); None for a
+        ``.<id>.replaced-*`` folder, an old attempt being swapped out, not a run."""
+        name = Path(self.path).name
+        return partial_run_id(name) if name.startswith(".") else name
+
+    @property
+    def is_partial(self) -> bool:
+        return partial_run_id(Path(self.path).name) is not None
+
+    @property
+    def lmms_dir(self) -> Path:
+        return Path(self.path) / LMMS_EVAL_DIR
+
+    def record(self) -> dict | None:
+        """``run.json`` as a dict (None: missing or unreadable)."""
+        return read_run_json(self.path)
+
+    def config(self) -> dict:
+        """``config.yaml``, the run's resolved configuration ({} if missing or unreadable)."""
+        try:
+            loaded = yaml.safe_load((Path(self.path) / CONFIG_YAML).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def requests(self) -> list[dict]:
+        """``efficiency.jsonl``'s rows, one per request ([] without the file)."""
+        path = Path(self.path) / EFFICIENCY_JSONL
+        return read_jsonl(path) if path.is_file() else []
+
+    def results(self) -> dict | None:
+        """lmms-eval's newest results JSON (None: none, or unreadable)."""
+        path = newest_results_file(self.lmms_dir)
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path else None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def samples(self, task: str) -> list[dict]:
+        """lmms-eval's newest samples of ``task``, one dict per document ([] without them)."""
+        path = newest_samples_file(self.lmms_dir, task)
+        return read_jsonl(path) if path else []

@@ -10,20 +10,23 @@ import json
 from numbers import Number
 from pathlib import Path
 
+from visionzip_eval.records import RESULTS_SUFFIX, newest_results_file
+
 
 class RunFailed(RuntimeError):
     """An lmms-eval run did not produce what it was asked for."""
 
 
 def latest_results_file(output_path: str | Path) -> Path:
-    """The newest ``*_results.json`` lmms-eval wrote under ``output_path``."""
-    files = sorted(Path(output_path).rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
+    """The newest ``*_results.json`` lmms-eval wrote under ``output_path`` (the run folder's
+    rule, ``records.newest_results_file``)."""
+    path = newest_results_file(Path(output_path))
+    if path is None:
         raise RunFailed(
-            f"lmms-eval wrote no *_results.json under {output_path}: the run failed before scoring "
+            f"lmms-eval wrote no *{RESULTS_SUFFIX} under {output_path}: the run failed before scoring "
             "(see its log for the first error)"
         )
-    return files[-1]
+    return path
 
 
 def task_metrics(results: dict, task: str) -> dict[str, float]:

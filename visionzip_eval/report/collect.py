@@ -8,14 +8,13 @@ value, so a report can list them instead of dropping them.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from visionzip_eval import records, roofline
 from visionzip_eval.budget import Budget
@@ -41,8 +40,8 @@ COLUMNS = [
     "prefill_roofline_ms_median", "ttft_roofline_ms_median",
     "device", "dtype", "attn_implementation", "roofline_device", "roofline_reason", "seconds",
     "probe_gflops", "probe_copy_gbs", "other_cpu_share", "noisy", "noise",
-    # the model the run's checkpoint was tuned from under a reduction (VisionZip‡), from the
-    # checkpoint folder's visionzip_tuning.json (``visionzip-eval tune``); empty for others
+    # the model the run's checkpoint was tuned from under a reduction (VisionZip‡), as run.json
+    # records the checkpoint folder's visionzip_tuning.json (``visionzip-eval tune``); empty for others
     "tuned_from", "tuned_method", "tuned_budget", "path",
 ]
 _EFFICIENCY_COLUMNS = COLUMNS[COLUMNS.index("requests"): COLUMNS.index("device")]
@@ -61,14 +60,20 @@ REQUEST_COLUMNS = [
 ]
 
 
+# What a run's lmms-eval samples say (``sample_facts``): one row per run (``path``) and metric.
+SAMPLE_COLUMNS = ["path", "metric", "categories", "circular", "chance"]
+
+
 @dataclass
 class Results:
-    """A results directory read once: ``frame`` (tidy, one row per run x metric) and
-    ``requests`` (one row per ``efficiency.jsonl`` line, with the run's identity)."""
+    """A results directory read once: ``frame`` (tidy, one row per run x metric), ``requests``
+    (one row per ``efficiency.jsonl`` line, with the run's identity) and ``samples`` (what the
+    runs' lmms-eval samples say, ``SAMPLE_COLUMNS``)."""
 
     root: Path
     frame: pd.DataFrame
     requests: pd.DataFrame
+    samples: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SAMPLE_COLUMNS))
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -98,7 +103,7 @@ def runs_folder(results_dir: str | Path) -> Path:
     root = Path(results_dir)
     if not root.is_dir():
         raise ValueError(f"results directory {root} does not exist")
-    runs = root / "runs"
+    runs = root / records.RUNS_DIR
     if not runs.is_dir():
         raise ValueError(
             f"{root} has no runs/ folder: pass the directory given to `visionzip-eval sweep --output-dir`"
@@ -111,12 +116,14 @@ def load_results(results_dir: str | Path) -> Results:
     runs = runs_folder(root)
     metric_rows: list[dict] = []
     request_frames: list[pd.DataFrame] = []
+    sample_rows: list[dict] = []
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
-        parsed = _read_run_folder(folder)
+        parsed = _read_run_folder(records.RunFolder(folder))
         if parsed is None:
             continue
-        rows, requests = parsed
+        rows, requests, samples = parsed
         metric_rows.extend(rows)
+        sample_rows.extend(samples)
         if requests is not None and len(requests):
             request_frames.append(requests)
     if not metric_rows:
@@ -130,24 +137,11 @@ def load_results(results_dir: str | Path) -> Results:
         pd.concat(request_frames, ignore_index=True) if request_frames else pd.DataFrame(columns=REQUEST_COLUMNS)
     )
     _add_full_token_counts(frame, requests)
-    return Results(root=root, frame=frame, requests=requests)
+    samples = pd.DataFrame.from_records(sample_rows, columns=SAMPLE_COLUMNS)
+    return Results(root=root, frame=frame, requests=requests, samples=samples)
 
 
 # -- one run folder ------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def _read_config(folder: Path) -> dict:
-    try:
-        return yaml.safe_load((folder / records.CONFIG_YAML).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
 
 
 def _budget_total(label) -> float:
@@ -158,41 +152,51 @@ def _budget_total(label) -> float:
     return math.nan if total is None else float(total)
 
 
-def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | None:
-    name = folder.name
-    if name.startswith("."):
-        run_id = records.partial_run_id(name)
-        if run_id is None:
-            return None  # ``.<id>.replaced-*``: an old attempt being swapped out, not a run
-        status, error = STATUS_INCOMPLETE, "partial folder: the run was interrupted or is still running"
-        info = None
-    else:
-        run_id = name
-        info = records.read_run_json(folder)
-        if info is None:
-            status = STATUS_INCOMPLETE
-            error = (
-                "no run.json: the run was interrupted or is still running"
-                if not (folder / records.RUN_JSON).exists()
-                else "run.json is unreadable (interrupted while writing?)"
-            )
-        else:
-            status = info.get("status")
-            error = info.get("error")
-            if status not in (STATUS_OK, STATUS_FAILED):
-                status, error = STATUS_FAILED, error or f"unknown run status {info.get('status')!r}"
-            if status == STATUS_FAILED and not error:
-                error = "failed (no error recorded)"
+def _read_run_folder(folder: records.RunFolder) -> tuple[list[dict], pd.DataFrame | None, list[dict]] | None:
+    """One run folder, each file read once: its metric rows (one row without a value for a
+    failed or incomplete run), its requests, and what its samples say (``SAMPLE_COLUMNS``)."""
+    run_id = folder.run_id
+    if run_id is None:
+        return None  # ``.<id>.replaced-*``: an old attempt being swapped out, not a run
+    info = None if folder.is_partial else folder.record()
+    status, error = _status(folder, info)
+    base = _run_row(folder, run_id, status, error, info, folder.config())
+    requests = _labelled_requests(folder.requests(), base)
+    base.update(_roofline(requests, info, base))
+    base.update(_efficiency_aggregates(requests, (info or {}).get("efficiency") or {}))
+    if status != STATUS_OK:
+        return [base], requests, []
+    samples = [dict(row, path=base["path"]) for row in _sample_facts(folder, base["task"], base["benchmark"])]
+    return _metric_rows(base, info, folder.results()), requests, samples
 
-    config = _read_config(folder)
+
+def _status(folder: records.RunFolder, info: dict | None) -> tuple[str, str | None]:
+    """(status, error): ok, failed (with its error), or incomplete (with why)."""
+    if folder.is_partial:
+        return STATUS_INCOMPLETE, "partial folder: the run was interrupted or is still running"
+    if info is None:
+        if not (Path(folder.path) / records.RUN_JSON).exists():
+            return STATUS_INCOMPLETE, "no run.json: the run was interrupted or is still running"
+        return STATUS_INCOMPLETE, "run.json is unreadable (interrupted while writing?)"
+    status, error = info.get("status"), info.get("error")
+    if status not in (STATUS_OK, STATUS_FAILED):
+        return STATUS_FAILED, error or f"unknown run status {info.get('status')!r}"
+    if status == STATUS_FAILED and not error:
+        error = "failed (no error recorded)"
+    return status, error
+
+
+def _run_row(folder: records.RunFolder, run_id: str, status: str, error: str | None, info: dict | None,
+             config: dict) -> dict:
+    """The columns every row of the run shares: identity (run.json over config.yaml over the
+    folder name), model, device, machine probe, tuning provenance."""
     identity = records.parse_run_id(run_id)
     identity.update({k: v for k, v in (config.get("run") or {}).items() if k in IDENTITY})
     if info is not None:
         identity.update({k: v for k, v in (info.get("identity") or {}).items() if k in IDENTITY})
     identity["budget"] = None if identity["budget"] is None else str(identity["budget"])
     model_cfg = config.get("model") or {}
-
-    base = dict(
+    return dict(
         run_id=str((info or {}).get("run_id") or run_id),
         status=status,
         error=error,
@@ -206,39 +210,41 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
         attn_implementation=model_cfg.get("attn_implementation"),
         seconds=(info or {}).get("seconds"),
         **probe_columns((info or {}).get("machine")),
-        **_tuning(model_cfg.get("pretrained")),
-        path=str(folder),
+        **_tuning(info, model_cfg.get("pretrained")),
+        path=str(folder.path),
     )
 
-    requests = _read_requests(folder / records.EFFICIENCY_JSONL)
-    if requests is not None:
-        for key in ("run_id", "model", "method", "budget", "budget_total", "task", "benchmark", "device", "frames"):
-            if key == "task":
-                continue  # a request knows its own task (a group run has several)
-            requests[key] = base[key]
-        if base["task"] and requests["task"].isna().all():
-            requests["task"] = base["task"]
-        requests["benchmark"] = requests["task"].map(lambda t: benchmark_key(t) if isinstance(t, str) else None)
-        requests = requests.reindex(columns=REQUEST_COLUMNS)
-    base.update(_roofline(requests, info, base))
-    base.update(_efficiency_aggregates(requests, (info or {}).get("efficiency") or {}))
 
-    if status != STATUS_OK:
-        return [base], requests
+def _labelled_requests(rows: list[dict], base: dict) -> pd.DataFrame | None:
+    """The run's requests with its identity on each (a request keeps its own task: a group run
+    has several)."""
+    requests = _requests_frame(rows)
+    if requests is None:
+        return None
+    for key in ("run_id", "model", "method", "budget", "budget_total", "device", "frames"):
+        requests[key] = base[key]
+    if base["task"] and requests["task"].isna().all():
+        requests["task"] = base["task"]
+    requests["benchmark"] = requests["task"].map(lambda t: benchmark_key(t) if isinstance(t, str) else None)
+    return requests.reindex(columns=REQUEST_COLUMNS)
 
+
+def _metric_rows(base: dict, info: dict, results: dict | None) -> list[dict]:
+    """One row per metric of a complete run: run.json's metrics (lmms-eval's results JSON's when
+    run.json has none), with their standard errors and the benchmark's scale."""
+    task = base["task"]
     metrics = dict(info.get("metrics") or {})
-    results = _latest_results(folder / records.LMMS_EVAL_DIR)
     task_results, n_samples = {}, math.nan
     if results is not None:
-        task_results = (results.get("results") or {}).get(identity["task"]) or {}
-        effective = ((results.get("n-samples") or {}).get(identity["task"]) or {}).get("effective")
+        task_results = (results.get("results") or {}).get(task) or {}
+        effective = ((results.get("n-samples") or {}).get(task) or {}).get("effective")
         n_samples = float(effective) if isinstance(effective, (int, float)) else math.nan
         if not metrics:
             metrics = {
                 k: v for k, v in task_results.items()
                 if k != "alias" and "_stderr" not in k and _is_number(v)
             }
-    base["n_samples"] = n_samples
+    base = dict(base, n_samples=n_samples)
     rows = []
     for key, value in metrics.items():
         name, _, filt = key.partition(",")
@@ -254,46 +260,86 @@ def _read_run_folder(folder: Path) -> tuple[list[dict], pd.DataFrame | None] | N
         ))
     if not rows:
         rows.append(dict(base, status=STATUS_FAILED, error="run.json says ok but holds no metric"))
-    return rows, requests
+    return rows
 
 
-def _tuning(pretrained) -> dict:
-    """What ``visionzip-eval tune`` recorded in the run's checkpoint folder, if it is one (a
-    relative folder is read from the current directory, where the sweep ran)."""
-    from visionzip_eval.tuning import read_tuning
+def _tuning(info: dict | None, pretrained) -> dict:
+    """What ``visionzip-eval tune`` recorded about the run's checkpoint, from run.json; a run
+    whose run.json holds none (recorded before it carried one) reads the checkpoint folder (a
+    relative one from the current directory, where the sweep ran)."""
+    record = (info or {}).get("tuning")
+    if record is None and pretrained and not str(pretrained).startswith("builtin:"):
+        from visionzip_eval.tuning import read_tuning
 
-    record = read_tuning(pretrained) if pretrained and not str(pretrained).startswith("builtin:") else None
-    if not record:
+        record = read_tuning(pretrained)
+    if not isinstance(record, dict):
         return dict(tuned_from=None, tuned_method=None, tuned_budget=None)
     return dict(tuned_from=record.get("base_model"), tuned_method=record.get("method"),
                 tuned_budget=None if record.get("budget") is None else str(record.get("budget")))
+
+
+# -- what a run's lmms-eval samples say: MME categories present, MMBench rotations ------------------
+
+MMB_ROTATION_STRIDE = 1_000_000  # lmms-eval MMBench: rotation k of question i has index i + k * 1e6
+_OPTION_LETTERS = "ABCDEFGHI"
+_MME_METRICS = ("mme_perception_score", "mme_cognition_score")
+_MMB_METRIC = "gpt_eval_score"
+
+
+def _n_options(item: dict) -> int:
+    n = 0
+    for letter in _OPTION_LETTERS:
+        value = item.get(letter)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if str(value).strip().lower() in ("", "nan", "none"):
+            continue
+        n += 1
+    return n if n >= 2 else 4
+
+
+def sample_facts(samples: list[dict], bench_key: str) -> list[dict]:
+    """What a run's lmms-eval samples say, as rows of ``SAMPLE_COLUMNS`` (less ``path``): MME,
+    per score metric, how many categories are present; MMBench (``gpt_eval_score``), whether a
+    question comes in several option rotations (``circular``) and what guessing scores on it
+    (``chance``, a fraction). No rows for other benchmarks, or without samples."""
+    if bench_key == "MME":
+        categories = defaultdict(set)
+        for row in samples:
+            for metric in _MME_METRICS:
+                entry = row.get(metric)
+                if isinstance(entry, dict) and entry.get("category") is not None:
+                    categories[metric].add(str(entry["category"]))
+        return [dict(metric=metric, categories=float(len(found)), circular=None, chance=math.nan)
+                for metric, found in categories.items()]
+    if bench_key != "MMB":
+        return []
+    groups: dict[int, list[int]] = defaultdict(list)
+    for row in samples:
+        entry = row.get(_MMB_METRIC)
+        if isinstance(entry, dict) and isinstance(entry.get("index"), (int, float)):
+            groups[int(entry["index"]) % MMB_ROTATION_STRIDE].append(_n_options(entry))
+    if not groups:
+        return []
+    # a question counts only if every rotation is right: a guesser gets it with prod(1 / options)
+    chance = float(np.mean([np.prod([1.0 / n for n in options]) for options in groups.values()]))
+    return [dict(metric=_MMB_METRIC, categories=math.nan, circular=any(len(g) > 1 for g in groups.values()),
+                 chance=chance)]
+
+
+def _sample_facts(folder: records.RunFolder, task, bench_key) -> list[dict]:
+    """``sample_facts`` of the run's newest samples file, read only for the benchmarks it serves."""
+    if bench_key not in ("MME", "MMB") or not task:
+        return []
+    return sample_facts(folder.samples(str(task)), bench_key)
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _latest_results(folder: Path) -> dict | None:
-    files = sorted(folder.glob("*_results.json")) if folder.is_dir() else []
-    for path in reversed(files):  # names start with the date: last is newest
-        data = _read_json(path)
-        if data is not None:
-            return data
-    return None
-
-
-def _read_requests(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line from a killed run
+def _requests_frame(rows: list[dict]) -> pd.DataFrame | None:
+    """``efficiency.jsonl``'s rows as a frame with derived columns; None without rows."""
     if not rows:
         return None
     frame = pd.DataFrame.from_records(rows)

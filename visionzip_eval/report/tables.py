@@ -5,12 +5,9 @@ objects that ``render`` turns into Markdown, LaTeX and CSV.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -115,98 +112,25 @@ def _scale_text(key: str, options: TableOptions, cells: pd.DataFrame | None = No
     return f"{name} {text}"
 
 
-# -- what a run's lmms-eval samples say: MME categories present, MMBench rotations ------------------
-
-MMB_ROTATION_STRIDE = 1_000_000  # lmms-eval MMBench: rotation k of question i has index i + k * 1e6
-_OPTION_LETTERS = "ABCDEFGHI"
-
-
-@dataclass(frozen=True)
-class SampleFacts:
-    """``categories``: metric -> MME categories present; ``circular``: some MMBench question
-    comes in several rotations; ``chance``: what guessing scores on this MMBench run (fraction)."""
-
-    categories: dict | None = None
-    circular: bool | None = None
-    chance: float | None = None
-
-
-def _samples_file(folder: Path, task: str) -> Path | None:
-    lmms = Path(folder) / "lmms_eval"
-    suffix = f"_samples_{task}.jsonl"
-    files = sorted(p for p in lmms.glob(f"*{suffix}") if p.is_file()) if lmms.is_dir() else []
-    return files[-1] if files else None  # names start with the date: last is newest
-
-
-def _n_options(item: dict) -> int:
-    n = 0
-    for letter in _OPTION_LETTERS:
-        value = item.get(letter)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        if str(value).strip().lower() in ("", "nan", "none"):
-            continue
-        n += 1
-    return n if n >= 2 else 4
-
-
-@lru_cache(maxsize=512)
-def _read_sample_facts(path: str, stamp: tuple[int, int], bench_key: str) -> SampleFacts:
-    categories: dict[str, set] = defaultdict(set)
-    groups: dict[int, list[int]] = defaultdict(list)
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if bench_key == "MME":
-                for metric in ("mme_perception_score", "mme_cognition_score"):
-                    entry = row.get(metric)
-                    if isinstance(entry, dict) and entry.get("category") is not None:
-                        categories[metric].add(str(entry["category"]))
-            elif bench_key == "MMB":
-                entry = row.get("gpt_eval_score")
-                if isinstance(entry, dict) and isinstance(entry.get("index"), (int, float)):
-                    groups[int(entry["index"]) % MMB_ROTATION_STRIDE].append(_n_options(entry))
-    if bench_key == "MME":
-        return SampleFacts(categories={k: frozenset(v) for k, v in categories.items()} if categories else None)
-    if not groups:
-        return SampleFacts()
-    # a question counts only if every rotation is right: a guesser gets it with prod(1 / options)
-    chance = float(np.mean([np.prod([1.0 / n for n in options]) for options in groups.values()]))
-    return SampleFacts(circular=any(len(g) > 1 for g in groups.values()), chance=chance)
-
-
-def sample_facts(folder, task: str, bench_key: str) -> SampleFacts:
-    """What the run's newest lmms-eval samples file says (empty facts without one)."""
-    if bench_key not in ("MME", "MMB") or not folder or not task:
-        return SampleFacts()
-    path = _samples_file(Path(folder), str(task))
-    if path is None:
-        return SampleFacts()
-    stat = path.stat()
-    return _read_sample_facts(str(path), (stat.st_mtime_ns, stat.st_size), bench_key)
-
-
-def _scale_and_chance(bench_key: str, metric: str | None, facts: SampleFacts) -> dict:
+def _scale_and_chance(bench_key: str, metric: str | None, facts: pd.DataFrame) -> dict:
     """The run's maximum score and chance score on the report scale (NaN where unknown or none),
-    the MME categories counted, and whether MMBench ran circular."""
+    the MME categories counted, and whether MMBench ran circular; ``facts``: the run's rows of
+    ``Results.samples``."""
     bench = B.get(bench_key)
     out = dict(max_score=math.nan, chance=math.nan, categories=math.nan, circular=None)
     if bench is None:
         return out
     if bench_key == "MME":
-        if facts.categories is not None and metric:
-            n = sum(len(facts.categories.get(m, ())) for m in metric.split("+"))
-            if n:
-                out["categories"] = float(n)
-                out["max_score"] = B.MME_POINTS_PER_CATEGORY * n
+        n = int(facts.loc[facts["metric"].isin(metric.split("+")), "categories"].sum()) if metric else 0
+        if n:
+            out["categories"] = float(n)
+            out["max_score"] = B.MME_POINTS_PER_CATEGORY * n
     else:
         out["max_score"] = 100.0
     if bench_key == "MMB":
-        out["circular"] = facts.circular
-        out["chance"] = 100.0 * facts.chance if facts.chance is not None else math.nan
+        if len(facts):
+            out["circular"] = bool(facts["circular"].iloc[0])
+            out["chance"] = 100.0 * float(facts["chance"].iloc[0])
     elif bench.chance is not None:
         out["chance"] = bench.chance * out["max_score"]
     return out
@@ -237,14 +161,16 @@ def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.
     """One row per complete run: model, method, budget, budget_total, benchmark, seed,
     tokens_per_image, metric (the one the table uses), score (report scale), max_score and
     chance (the score a guesser gets; NaN: none or unknown) on the same scale, categories (MME
-    categories counted) and circular (MMBench), from the run's samples file."""
+    categories counted) and circular (MMBench), from what the run's samples say."""
     ok = results.ok
+    samples = dict(tuple(results.samples.groupby("path")))
+    no_samples = results.samples.iloc[:0]
     rows = []
     for _, run in ok.groupby("path", sort=False):
         first = run.iloc[0]
         metrics = dict(zip(run["metric"], run["score"]))
         score, metric = _pick(metrics, first["benchmark"], options)
-        facts = sample_facts(first["path"], first["task"], first["benchmark"])
+        facts = samples.get(first["path"], no_samples)
         rows.append(dict(
             run_id=first["run_id"], model=first["model"], pretrained=first["pretrained"],
             method=first["method"], budget=first["budget"], budget_total=first["budget_total"],

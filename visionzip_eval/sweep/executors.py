@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from visionzip_eval import records
 from visionzip_eval.sweep.config import SweepConfig
 from visionzip_eval.sweep.plan import Run, model_spec
 from visionzip_eval.sweep.runner import ModelCache, Outcome, execute_run, model_args, resolve_device
@@ -172,7 +173,7 @@ def accelerate_command(config: SweepConfig, run: Run, work: Path) -> list[str]:
         "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
         "--tasks", run.task,
         "--batch_size", str(config.lmms_eval.batch_size),
-        "--output_path", str(work / "lmms_eval"),
+        "--output_path", str(work / records.LMMS_EVAL_DIR),
         "--seed", str(run.seed),
     ]
     if config.lmms_eval.log_samples:
@@ -191,9 +192,9 @@ def evaluate_with_accelerate(run: Run, config: SweepConfig, cache: ModelCache, w
 
     command = accelerate_command(config, run, work)
     (work / "command.txt").write_text(shlex.join(command) + "\n")
-    with open(work / "run.log", "a") as log:
+    with open(work / records.RUN_LOG, "a") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
-    _, results = load_checked(work / "lmms_eval", [run.task])  # judged by files, not exit code
+    _, results = load_checked(work / records.LMMS_EVAL_DIR, [run.task])  # judged by files, not exit code
     return {"metrics": check_results(results, [run.task])[run.task]}
 
 

@@ -47,7 +47,7 @@ def _loguru_handlers(logger) -> set[int]:
 
 
 def run_dir(output_dir: Path, run: Run) -> Path:
-    return Path(output_dir) / "runs" / run.id
+    return Path(output_dir) / records.RUNS_DIR / run.id
 
 
 def noisy_runs(output_dir: Path, runs: list[Run]) -> dict[str, str]:
@@ -156,7 +156,7 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
         **model_args(config, run, work),
     )
     try:
-        tracker = EvaluationTracker(output_path=str(work / "lmms_eval"))
+        tracker = EvaluationTracker(output_path=str(work / records.LMMS_EVAL_DIR))
         stamp = get_datetime_str()
         results = evaluator.simple_evaluate(
             model=lm,
@@ -175,7 +175,7 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
             datetime_str=stamp,
             # what lmms-eval's CLI would pass: task aggregations write submission files under
             # output_path (MMBench), never into the current directory
-            cli_args=argparse.Namespace(output_path=str(work / "lmms_eval"), process_with_media=False),
+            cli_args=argparse.Namespace(output_path=str(work / records.LMMS_EVAL_DIR), process_with_media=False),
         )
         if results is None:
             raise RuntimeError("lmms-eval returned no results")
@@ -204,6 +204,16 @@ def _roofline_facts(lm) -> dict:
         return {}
 
 
+def _tuning(pretrained: str) -> dict | None:
+    """What ``visionzip-eval tune`` recorded in the checkpoint folder, read now (a relative folder
+    resolves against this directory, where the sweep runs), so the report needs no checkpoint."""
+    if pretrained.startswith("builtin:"):
+        return None
+    from visionzip_eval.tuning import read_tuning
+
+    return read_tuning(pretrained)
+
+
 def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCache, evaluate=None) -> Outcome:
     """Run once under the folder protocol; ``evaluate(run, config, cache, work)`` does the work."""
     evaluate = evaluate or evaluate_in_process
@@ -213,8 +223,8 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
     final = run_dir(output_dir, run)
     if is_complete(output_dir, run) and not run.redo:
         return Outcome(run.id, "skipped")
-    (output_dir / "locks").mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(output_dir / "locks" / f"{run.id}.lock"))
+    (output_dir / records.LOCKS_DIR).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir / records.LOCKS_DIR / f"{run.id}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -274,6 +284,7 @@ def execute_run(run: Run, config: SweepConfig, output_dir: Path, cache: ModelCac
             versions=_versions(),
             machine=machine_record(probe, machine_probe(probe_device)),
             roofline=outcome.get("roofline") or {},
+            tuning=_tuning(spec.pretrained),
         )
         records.write_atomic(work / records.RUN_JSON, record.to_json())
         if final.exists():  # an earlier failed attempt: replaced only now that this one landed
