@@ -260,20 +260,10 @@ def score_tables(results: Results, options: TableOptions = TableOptions()) -> li
     return blocks
 
 
-def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -> TableBlock:
-    tuned = cells["method"].astype(str).str.endswith(B.TUNED_MARK)
-    untuned = cells[~tuned] if (~tuned).any() else cells  # the references: the untuned model's own runs
-    pretrained = untuned["pretrained"].dropna().iloc[0] if untuned["pretrained"].notna().any() else None
-    bench_keys = sorted(cells["benchmark"].dropna().unique(), key=B.sort_key)
-    full_tokens = cells["full_tokens_per_image"].dropna()
-    full_tokens = float(full_tokens.iloc[0]) if len(full_tokens) else math.nan
-
+def _budget_groups(cells: pd.DataFrame, bench_keys: list[str]) -> dict[float, dict]:
+    """The measured rows by budget group (``_group_key``): each (method, budget)'s mean score
+    per benchmark, and the tokens per image its runs kept."""
     mean = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].mean()
-    counts = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].size()
-    full_cells = untuned[untuned["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
-    at_chance = chance_exclusions(untuned)
-    avg_keys = [b for b in bench_keys if b not in at_chance]  # the benchmarks Avg is over
-
     groups: dict[float, dict] = {}
     for (method, budget), rows in cells.groupby(["method", "budget"], sort=False):
         total = rows["budget_total"].iloc[0]
@@ -282,6 +272,81 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
         group["tokens"].extend(rows["tokens_per_image"].dropna().tolist())
         scores = {b: float(mean.get((method, budget, b), math.nan)) for b in bench_keys}
         group["rows"].append(dict(method=method, budget=budget, budget_total=total, scores=scores))
+    return groups
+
+
+def _best_in_group(records: list[dict], start: int, columns: list[str]) -> set[tuple[int, str]]:
+    """(row, column) of the best value per column among the group's measured reduced rows
+    (``records[start:]``), the paper's bold; none where fewer than two rows or values compete."""
+    bold = set()
+    candidates = [i for i in range(start, len(records))
+                  if records[i]["source"] == "measured" and records[i]["budget"] != "full"]
+    if len(candidates) >= 2:
+        for column in columns:
+            values = {i: records[i][column] for i in candidates if not pd.isna(records[i][column])}
+            if len(set(values.values())) >= 2:
+                best = max(values.values())
+                bold |= {(i, column) for i, v in values.items() if v == best}
+    return bold
+
+
+def _score_notes(cells: pd.DataFrame, options: TableOptions, bench_keys: list[str], full_cells: dict,
+                 at_chance: dict, partial_rows: list[str], has_paper: bool) -> list[str]:
+    """The score table's notes: scales, what Avg is over and leaves out, seeds, bold, ‡, paper."""
+    avg_keys = [b for b in bench_keys if b not in at_chance]
+    notes = ["Scales: " + "; ".join(_scale_text(b, options, cells) for b in bench_keys) + "."]
+    notes.append(
+        "Avg: mean over the benchmarks of score / the same model's full-budget score, in %; "
+        "'–' where a full-budget score is 0 or missing (retention is undefined)."
+        if any(pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in avg_keys)
+        else "Avg: mean over the benchmarks of score / the same model's full-budget score, in %."
+    )
+    if at_chance:
+        named = "; ".join(f"{B.get(b).name if B.get(b) else b} ({score:.1f}, chance {chance:.1f})"
+                          for b, (score, chance) in at_chance.items())
+        notes.append(
+            "Left out of Avg (the retention of a model that guesses is noise; their columns stay), "
+            f"at chance at full budget: {named}."
+        )
+    if partial_rows:
+        notes.append("Avg over the benchmarks present only: " + "; ".join(partial_rows) + ".")
+    counts = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].size()
+    if (counts > 1).any():
+        notes.append(f"Cells are means over runs (seeds): up to {int(counts.max())} per cell.")
+    notes.append("Bold (LaTeX, Markdown): best per column within a budget group among measured reduced rows.")
+    tuned = cells["method"].astype(str).str.endswith(B.TUNED_MARK)
+    if tuned.any():
+        sources = "; ".join(f"{source}: tuned under {tuned_as}" for source, tuned_as in sorted(
+            set(zip(cells.loc[tuned, "pretrained"].astype(str), cells.loc[tuned, "tuned_as"].astype(str)))))
+        notes.append(
+            f"{B.TUNED_MARK} (the paper's notation): runs of a checkpoint fine-tuned under a reduction with "
+            f"`visionzip-eval tune` ({sources}; its visionzip_tuning.json says what was trained, on what, for how "
+            "long); the paper's VisionZip‡ is the row at the budget it was tuned at. Avg is against the untuned "
+            "model's full budget where the results hold it."
+        )
+    if has_paper:
+        notes.append(PAPER_NOTE)
+        notes.append(
+            "Δ Avg vs paper: this row's Avg minus the paper's, both over the benchmarks the paper reports "
+            "among those shown, in percentage points."
+        )
+        if "MME" in bench_keys and options.mme == "perception":
+            notes.append(MME_NOTE)
+    return notes
+
+
+def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -> TableBlock:
+    tuned = cells["method"].astype(str).str.endswith(B.TUNED_MARK)
+    untuned = cells[~tuned] if (~tuned).any() else cells  # the references: the untuned model's own runs
+    pretrained = untuned["pretrained"].dropna().iloc[0] if untuned["pretrained"].notna().any() else None
+    bench_keys = sorted(cells["benchmark"].dropna().unique(), key=B.sort_key)
+    full_tokens = cells["full_tokens_per_image"].dropna()
+    full_tokens = float(full_tokens.iloc[0]) if len(full_tokens) else math.nan
+
+    full_cells = untuned[untuned["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
+    at_chance = chance_exclusions(untuned)
+    avg_keys = [b for b in bench_keys if b not in at_chance]  # the benchmarks Avg is over
+    groups = _budget_groups(cells, bench_keys)
 
     paper = paper_rows(pretrained) if options.paper else paper_rows(None)
     paper_full = {}
@@ -343,15 +408,7 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
                 method=prow["method"], budget=prow["budget"], source="paper", label=label,
                 **scores, Avg=avg, delta=math.nan,
             ))
-        # best per column within the group, among measured reduced rows (the paper's convention)
-        candidates = [i for i in range(start, len(records))
-                      if records[i]["source"] == "measured" and records[i]["budget"] != "full"]
-        if len(candidates) >= 2:
-            for column in [*bench_keys, "Avg"]:
-                values = {i: records[i][column] for i in candidates if not pd.isna(records[i][column])}
-                if len(set(values.values())) >= 2:
-                    best = max(values.values())
-                    bold |= {(i, column) for i, v in values.items() if v == best}
+        bold |= _best_in_group(records, start, [*bench_keys, "Avg"])
 
     frame = pd.DataFrame(records)
     columns = [
@@ -363,42 +420,7 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     if has_paper:
         columns.append(Column("delta", "Δ Avg vs paper (pp)", "delta", None))
 
-    notes = ["Scales: " + "; ".join(_scale_text(b, options, cells) for b in bench_keys) + "."]
-    notes.append(
-        "Avg: mean over the benchmarks of score / the same model's full-budget score, in %; "
-        "'–' where a full-budget score is 0 or missing (retention is undefined)."
-        if any(pd.isna(full_cells.get(b)) or full_cells.get(b) == 0 for b in avg_keys)
-        else "Avg: mean over the benchmarks of score / the same model's full-budget score, in %."
-    )
-    if at_chance:
-        named = "; ".join(f"{B.get(b).name if B.get(b) else b} ({score:.1f}, chance {chance:.1f})"
-                          for b, (score, chance) in at_chance.items())
-        notes.append(
-            "Left out of Avg (the retention of a model that guesses is noise; their columns stay), "
-            f"at chance at full budget: {named}."
-        )
-    if partial_rows:
-        notes.append("Avg over the benchmarks present only: " + "; ".join(partial_rows) + ".")
-    if (counts > 1).any():
-        notes.append(f"Cells are means over runs (seeds): up to {int(counts.max())} per cell.")
-    notes.append("Bold (LaTeX, Markdown): best per column within a budget group among measured reduced rows.")
-    if tuned.any():
-        sources = "; ".join(f"{source}: tuned under {tuned_as}" for source, tuned_as in sorted(
-            set(zip(cells.loc[tuned, "pretrained"].astype(str), cells.loc[tuned, "tuned_as"].astype(str)))))
-        notes.append(
-            f"{B.TUNED_MARK} (the paper's notation): runs of a checkpoint fine-tuned under a reduction with "
-            f"`visionzip-eval tune` ({sources}; its visionzip_tuning.json says what was trained, on what, for how "
-            "long); the paper's VisionZip‡ is the row at the budget it was tuned at. Avg is against the untuned "
-            "model's full budget where the results hold it."
-        )
-    if has_paper:
-        notes.append(PAPER_NOTE)
-        notes.append(
-            "Δ Avg vs paper: this row's Avg minus the paper's, both over the benchmarks the paper reports "
-            "among those shown, in percentage points."
-        )
-        if "MME" in bench_keys and options.mme == "perception":
-            notes.append(MME_NOTE)
+    notes = _score_notes(cells, options, bench_keys, full_cells, at_chance, partial_rows, has_paper)
     title = f"{model}" + (f" ({pretrained})" if pretrained and pretrained != model else "")
     return TableBlock(
         title=title, frame=frame, columns=columns, notes=notes, bold=bold,
