@@ -1,6 +1,7 @@
 """The package's imports form no cycle (those inside functions included: a lazy import back into
-a module that imports you is still a tangle), and the backends import nothing above themselves
-(loading, methods, testing and synth sit above them)."""
+a module that imports you is still a tangle), the backends import nothing above themselves
+(loading, methods, testing and synth sit above them), the sweep never imports the report and
+reaches lmms/ only to construct the adapter."""
 
 import ast
 from pathlib import Path
@@ -65,3 +66,21 @@ def test_backends_import_nothing_above_themselves():
             # its own ancestor packages (run first by any import) are not "above" it
             above = sorted(t for t in targets if not t.startswith(allowed) and not module.startswith(t + "."))
             assert not above, f"{module} imports {above}"
+
+
+def test_the_sweep_never_imports_the_report():
+    """Data flows config -> runs -> report: the sweep writes what the report reads, never the reverse."""
+    edges = graph()
+    for module, targets in edges.items():
+        if module.startswith("visionzip_eval.sweep"):
+            report = sorted(t for t in targets if t.startswith("visionzip_eval.report"))
+            assert not report, f"{module} imports {report}"
+
+
+def test_the_sweep_reaches_lmms_only_to_construct_the_adapter():
+    edges = graph()
+    allowed = {"visionzip_eval.lmms", "visionzip_eval.lmms.adapter"}  # the package runs first on any import
+    for module, targets in edges.items():
+        if module.startswith("visionzip_eval.sweep"):
+            lmms = sorted(t for t in targets if t.startswith("visionzip_eval.lmms") and t not in allowed)
+            assert not lmms, f"{module} imports {lmms}: the sweep uses lmms/ only through lmms.adapter"

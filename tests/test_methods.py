@@ -147,7 +147,7 @@ def test_leaving_any_method_restores_outputs(tiny):
 
 
 def test_report_names_show_non_default_options():
-    from visionzip_eval.report.benchmarks import method_name, method_sort_key
+    from visionzip_eval.benchmarks import method_name, method_sort_key
 
     assert method_name("vispruner") == "VisPruner"
     assert method_name("vispruner,important_ratio=0.25") == "VisPruner (important_ratio=0.25)"

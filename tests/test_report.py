@@ -15,8 +15,8 @@ from PIL import Image
 
 from visionzip_eval.cli import main
 from visionzip_eval.report import COLUMNS, TableOptions, load_results, score_tables, write_report
-from visionzip_eval.report.benchmarks import benchmark_key, metric_scale
-from visionzip_eval.report.paper import paper_model_for, paper_results
+from visionzip_eval.benchmarks import benchmark_key, metric_scale
+from visionzip_eval.benchmarks.paper import paper_model_for, paper_results
 from visionzip_eval.report.render import block_latex, blocks_markdown
 from visionzip_eval.report.synthetic import FAILED_ERROR, make_results, prefill_ms
 from visionzip_eval.report.tables import efficiency_tables

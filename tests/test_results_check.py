@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from visionzip_eval.lmms.results import RunFailed, check_results, latest_results_file, load_checked
+from visionzip_eval.sweep.results import RunFailed, check_results, latest_results_file, load_checked
 
 RESULTS = {
     "results": {

@@ -202,19 +202,14 @@ def format_prefill_rows(rows: list[dict]) -> str:
 
 # -- bench realsize: LLaVA-1.5-7B's exact shape --------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_MARGIN_BYTES = 2 * 2**30  # activations, the KV cache, the allocator and Python besides the weights
 
 
 def _resolve(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU: drop --device to run on the CPU")
-    if dtype == "auto":  # half precision where the hardware has it; the CPU's half-precision matmul crawls
-        return device, torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    return device, DTYPES[dtype]
+    from visionzip_eval.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device)
 
 
 @lru_cache(maxsize=None)  # the fit check and the time estimate both ask

@@ -213,12 +213,10 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
 def _load_model(name: str):
     """(model, processor) for visualize and app: fp16 on a GPU; the builtin tiny models on the CPU."""
-    import torch
+    from visionzip_eval.loading import BUILTIN_PREFIX, load_pretrained, resolve_device, resolve_dtype
 
-    from visionzip_eval.loading import load_pretrained
-
-    gpu = torch.cuda.is_available() and not name.startswith("builtin:")
-    return load_pretrained(name, torch.float16 if gpu else torch.float32, torch.device("cuda" if gpu else "cpu"))
+    device = resolve_device("cpu" if name.startswith(BUILTIN_PREFIX) else "auto")
+    return load_pretrained(name, resolve_dtype("auto", device), device)
 
 
 def _cmd_app(args: argparse.Namespace) -> int:

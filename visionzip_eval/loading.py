@@ -2,14 +2,49 @@
 
 Each backend declares what it loads (``VLMBackend.model_types`` / ``claims``, ``load``) and its
 tiny offline models (``VLMBackend.builtin``: name -> builder in ``visionzip_eval.testing``);
-this module only dispatches, so the backends import nothing above themselves.
+this module only dispatches, so the backends import nothing above themselves. The device and
+dtype names every command and the adapter accept are resolved here, once.
 """
 
 from __future__ import annotations
 
+import torch
+
 from visionzip_eval.backends import BACKENDS, VLMBackend
 
 BUILTIN_PREFIX = "builtin:"
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` / ``auto``: the GPU when torch sees one, else the CPU; ``"1"``: ``cuda:1``; a
+    CUDA device on a machine without one is an error now, not at the first tensor moved."""
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device in (None, "auto"):
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(f"cuda:{device}" if str(device).isdigit() else str(device))
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU: use the CPU "
+                         "(device auto or cpu)")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, prefer_bfloat16: bool = False) -> torch.dtype:
+    """``auto`` / None: half precision on a GPU (bfloat16 with ``prefer_bfloat16`` where the GPU
+    has it: training), float32 on the CPU (whose half-precision matmul crawls); else a name of
+    :data:`DTYPES`."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if prefer_bfloat16 and torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float16, bfloat16 or float32")
+    return DTYPES[dtype]
 
 
 def builtin_models() -> dict[str, tuple[type[VLMBackend], str]]:

@@ -162,6 +162,17 @@ def newest_samples_file(lmms_dir: Path, task: str) -> Path | None:
     return newest(p for p in lmms_dir.rglob(f"*{SAMPLES_INFIX}{task}.jsonl") if p.is_file())
 
 
+def task_metrics(results: dict, task: str) -> dict[str, float]:
+    """Numeric metrics of one task in lmms-eval's results JSON, keys as it writes them
+    (``name,filter``); its standard errors and the alias left out."""
+    entry = (results.get("results") or {}).get(task) or {}
+    return {
+        key: float(value)
+        for key, value in entry.items()
+        if key != "alias" and "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSON-lines file; blank and torn lines (a killed writer's last) skipped."""
     rows = []

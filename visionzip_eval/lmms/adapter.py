@@ -31,7 +31,7 @@ from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from visionzip_eval.budget import Budget
-from visionzip_eval.loading import load_pretrained
+from visionzip_eval.loading import load_pretrained, resolve_device, resolve_dtype
 from visionzip_eval.methods.registry import MethodSpec
 from visionzip_eval.engine import Engine, Generation, Request
 from visionzip_eval.lmms.efficiency import EfficiencyLog
@@ -41,9 +41,6 @@ from visionzip_eval.media import MediaError, load_visual_groups, load_visuals, p
 # option letter); the reason goes to efficiency.jsonl and the log.
 SAMPLE_ERROR = "[visionzip-eval: sample failed]"
 
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-
 
 def _cli_output_path(argv: list[str]) -> str | None:
     """lmms-eval's --output_path, read from the command line this process was started with."""
@@ -51,16 +48,6 @@ def _cli_output_path(argv: list[str]) -> str | None:
     parser.add_argument("--output_path", default=None)
     known, _ = parser.parse_known_args(argv)
     return known.output_path
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, float16, bfloat16 or float32")
-    return _DTYPES[dtype]
 
 
 def resolve_budget(budget, dominant, contextual) -> Budget:
@@ -117,7 +104,7 @@ class VisionZipLMM(lmms):
         self.method = resolve_method(method, method_options)
         self.budget = resolve_budget(budget, dominant, contextual)
         image_aspect = parse_image_aspect(image_aspect)  # a bad value fails before the model loads
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = resolve_device(device)
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -19,7 +19,7 @@ import pandas as pd
 from visionzip_eval import records, roofline
 from visionzip_eval.budget import Budget
 from visionzip_eval.records import IDENTITY, STATUS_FAILED, STATUS_INCOMPLETE, STATUS_OK
-from visionzip_eval.report.benchmarks import benchmark_key, metric_scale
+from visionzip_eval.benchmarks import benchmark_key, metric_scale
 from visionzip_eval.noise import flag_noisy, probe_columns
 
 # Columns of the tidy frame, in order (see README of the report module / the report's notes).
@@ -240,10 +240,7 @@ def _metric_rows(base: dict, info: dict, results: dict | None) -> list[dict]:
         effective = ((results.get("n-samples") or {}).get(task) or {}).get("effective")
         n_samples = float(effective) if isinstance(effective, (int, float)) else math.nan
         if not metrics:
-            metrics = {
-                k: v for k, v in task_results.items()
-                if k != "alias" and "_stderr" not in k and _is_number(v)
-            }
+            metrics = records.task_metrics(results, task)
     base = dict(base, n_samples=n_samples)
     rows = []
     for key, value in metrics.items():

@@ -19,9 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from visionzip_eval import roofline
-from visionzip_eval.report import benchmarks as B
+from visionzip_eval import benchmarks as B
 from visionzip_eval.report.collect import Results
-from visionzip_eval.report.paper import PAPER_MARK, paper_rows
+from visionzip_eval.benchmarks.paper import PAPER_MARK, paper_rows
 from visionzip_eval.report.tables import TableOptions, _is_video, chance_exclusions, score_cells
 
 _METHOD_COLORS = {"none": "#1f1f1f", "visionzip": "#2ca02c", "random": "#d62728", "pool": "#ff7f0e",

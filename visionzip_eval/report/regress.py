@@ -41,7 +41,7 @@ from xml.etree import ElementTree as ET
 import pandas as pd
 
 from visionzip_eval.records import FULL_METHOD, read_run_json
-from visionzip_eval.report.benchmarks import metric_scale
+from visionzip_eval.benchmarks import metric_scale
 from visionzip_eval.report.collect import STATUS_OK, Results, load_results
 
 FORMAT = "visionzip-eval-baseline"

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 
 from visionzip_eval import roofline
-from visionzip_eval.report import benchmarks as B
+from visionzip_eval import benchmarks as B
 from visionzip_eval.report.collect import Results
 from visionzip_eval.noise import noise_summary
-from visionzip_eval.report.paper import (
+from visionzip_eval.benchmarks.paper import (
     MME_NOTE, PAPER_MARK, PAPER_NOTE, paper_efficiency_rows, paper_rows,
 )
 

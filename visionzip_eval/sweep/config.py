@@ -128,7 +128,7 @@ class SweepConfig(_Strict):
     def _mme_limit_even(self) -> SweepConfig:
         """lmms-eval scores MME's questions in pairs (two per image) and asserts on a lone one at
         aggregation, after the whole run: an odd limit would fail every MME run at its end."""
-        from visionzip_eval.report.benchmarks import benchmark_key
+        from visionzip_eval.benchmarks import benchmark_key
 
         mme = [task for task in self.tasks if benchmark_key(task) == "MME"]
         if self.limit is not None and self.limit % 2 and mme:

@@ -188,7 +188,7 @@ def accelerate_command(config: SweepConfig, run: Run, work: Path) -> list[str]:
 
 
 def evaluate_with_accelerate(run: Run, config: SweepConfig, cache: ModelCache, work: Path) -> dict:
-    from visionzip_eval.lmms.results import check_results, load_checked
+    from visionzip_eval.sweep.results import check_results, load_checked
 
     command = accelerate_command(config, run, work)
     (work / "command.txt").write_text(shlex.join(command) + "\n")

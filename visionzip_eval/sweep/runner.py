@@ -96,13 +96,10 @@ class ModelCache:
 
     def get(self, spec: ModelSpec):
         if self._name != spec.name:
-            import torch
-
-            from visionzip_eval.loading import load_pretrained
-            from visionzip_eval.lmms.adapter import resolve_dtype
+            from visionzip_eval.loading import load_pretrained, resolve_device, resolve_dtype
 
             self._loaded = None  # free the previous model first
-            device = torch.device(self.device)
+            device = resolve_device(self.device)
             self._loaded = load_pretrained(
                 spec.pretrained, resolve_dtype(spec.dtype, device), device, spec.attn_implementation
             )
@@ -112,11 +109,10 @@ class ModelCache:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device if not device.isdigit() else f"cuda:{device}"
-    import torch
+    """A worker's device, as its name (``loading.resolve_device``)."""
+    from visionzip_eval.loading import resolve_device as resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve(device))
 
 
 def model_args(config: SweepConfig, run: Run, work: Path) -> dict:
@@ -146,7 +142,7 @@ def evaluate_in_process(run: Run, config: SweepConfig, cache: ModelCache, work: 
     from lmms_eval.utils import get_datetime_str
 
     from visionzip_eval.lmms.adapter import VisionZipLMM
-    from visionzip_eval.lmms.results import check_results
+    from visionzip_eval.sweep.results import check_results
 
     options = config.lmms_eval
     lm = VisionZipLMM(

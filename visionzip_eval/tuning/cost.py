@@ -95,6 +95,7 @@ def bench_train(
     from visionzip_eval.backends import backend_for
     from visionzip_eval.bench import CLIP_L, PROXY_LLM
     from visionzip_eval.budget import Budget
+    from visionzip_eval.loading import resolve_device
     from visionzip_eval.methods import MethodSpec
     from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock
     from visionzip_eval.testing import build_llava15_7b_shape, build_tiny_llava, sample_images
@@ -109,7 +110,7 @@ def bench_train(
     parsed = [Budget.parse(b) for b in budgets]
     if not parsed or not parsed[0].is_full:
         raise ValueError("list the budgets with full first: speed-ups are against it")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     cuda = device.type == "cuda"
     if realsize and not cuda:
         raise ValueError("--realsize trains LLaVA-1.5-7B's architecture: it needs a GPU (use the proxy on a CPU)")

@@ -129,13 +129,9 @@ def _check_family(pretrained: str) -> None:
 
 
 def _resolve_dtype(name: str):
-    import torch
+    from visionzip_eval.loading import resolve_device, resolve_dtype
 
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, name)
+    return resolve_dtype(name, resolve_device("auto"), prefer_bfloat16=True)
 
 
 def freeze(model, backend, train: str) -> list[str]:

@@ -1,4 +1,6 @@
-"""Which benchmark a task is, which of its metrics the table shows, and on which scale.
+"""Facts about the benchmarks, below the sweep and the report (both use them): which benchmark
+a task is, which of its metrics the table shows, and on which scale; the paper's published rows
+are in :mod:`visionzip_eval.benchmarks.paper`.
 
 lmms-eval reports some metrics as fractions (``exact_match``, ``pope_f1_score``: 0-1) and
 others already in percent (MMBench's ``gpt_eval_score``, ``videomme_perception_score``) or in
@@ -93,11 +95,11 @@ def sort_key(key: str) -> tuple[int, str]:
     return (ORDER.get(key, len(ORDER)), key)
 
 
-# Names of rows that are no registered method: the vanilla model, and methods whose rows the
-# report shows only as published numbers. Registered methods name themselves (the registry).
-UNREGISTERED_NAMES = {"none": "Vanilla", "fastv": "FastV", "sparsevlm": "SparseVLM", "tome": "ToMe"}
+# The one row name that is no registered method: the vanilla model. Registered methods (FastV
+# and SparseVLM among them, measured and published rows alike) name themselves (the registry).
+UNREGISTERED_NAMES = {"none": "Vanilla"}
 # Within a budget group: baselines first, the competitors, VisionZip last (the paper's layout).
-_METHOD_ORDER = {"none": 0, "random": 1, "pool": 2, "tome": 3, "fastv": 4, "sparsevlm": 5, "visionzip": 9}
+_METHOD_ORDER = {"none": 0, "random": 1, "pool": 2, "fastv": 4, "sparsevlm": 5, "visionzip": 9}
 
 
 # The paper's mark for a model fine-tuned under the reduction (VisionZip‡): report rows of runs

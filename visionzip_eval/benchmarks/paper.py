@@ -14,7 +14,7 @@ from importlib import resources
 
 import pandas as pd
 
-from visionzip_eval.report.benchmarks import BENCHMARKS
+from visionzip_eval.benchmarks import BENCHMARKS
 
 PAPER_MARK = "†"
 PAPER_NOTE = (
@@ -29,7 +29,7 @@ MME_NOTE = (
 
 
 def _read(name: str) -> pd.DataFrame:
-    with resources.files("visionzip_eval.report").joinpath(name).open("r", encoding="utf-8") as handle:
+    with resources.files("visionzip_eval.benchmarks").joinpath(name).open("r", encoding="utf-8") as handle:
         frame = pd.read_csv(handle, comment="#", dtype={"budget": str})
     return frame
 

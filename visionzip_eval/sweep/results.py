@@ -7,10 +7,9 @@ as done only when its results JSON holds a metric for every task asked for.
 from __future__ import annotations
 
 import json
-from numbers import Number
 from pathlib import Path
 
-from visionzip_eval.records import RESULTS_SUFFIX, newest_results_file
+from visionzip_eval.records import RESULTS_SUFFIX, newest_results_file, task_metrics
 
 
 class RunFailed(RuntimeError):
@@ -27,16 +26,6 @@ def latest_results_file(output_path: str | Path) -> Path:
             "(see its log for the first error)"
         )
     return path
-
-
-def task_metrics(results: dict, task: str) -> dict[str, float]:
-    """Numeric metrics of one task, keys as lmms-eval writes them (``name,filter``)."""
-    entry = results.get("results", {}).get(task) or {}
-    return {
-        key: float(value)
-        for key, value in entry.items()
-        if key != "alias" and "_stderr" not in key and isinstance(value, Number) and not isinstance(value, bool)
-    }
 
 
 def check_results(results: dict, tasks: list[str]) -> dict[str, dict[str, float]]:
