@@ -14,7 +14,7 @@ def trained():
     from visionzip_eval.engine import Engine
     from visionzip_eval.synth.benchmark import build_docs
     from visionzip_eval.synth.scenes import render
-    from visionzip_eval.testing import load_tiny_llava_synth
+    from visionzip_eval.synth.weights import load_trained as load_tiny_llava_synth
 
     model, processor = load_tiny_llava_synth()
     _, scenes = build_docs("pope", n_scenes=2)

@@ -36,7 +36,7 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 def trained():
     from visionzip_eval.synth.benchmark import build_docs
     from visionzip_eval.synth.scenes import render
-    from visionzip_eval.testing import load_tiny_llava_synth
+    from visionzip_eval.synth.weights import load_trained as load_tiny_llava_synth
 
     model, processor = load_tiny_llava_synth()
     _, scenes = build_docs("pope", n_scenes=2)
@@ -162,7 +162,8 @@ def test_ten_patches_miss_what_every_token_sees(trained):
 
 def test_anyres_keeps_the_chosen_patches_in_every_crop():
     from visionzip_eval.engine import Generation, Request
-    from visionzip_eval.testing import build_tiny_llava_next, sample_images
+    from visionzip_eval.backends.llava_next import build_tiny_llava_next
+    from visionzip_eval.testing import sample_images
 
     model, processor = build_tiny_llava_next(seed=0)
     engine = Engine(model, processor)

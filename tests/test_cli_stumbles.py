@@ -45,13 +45,13 @@ def write_config(tmp_path, name="sweep.yaml", **overrides) -> Path:
 def no_model_loads(monkeypatch):
     """Any model load (sweep runner, demo, tiny-model) fails the test."""
     import visionzip_eval.loading
-    import visionzip_eval.testing
+    import visionzip_eval.backends.llava_hf
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
 
     monkeypatch.setattr(visionzip_eval.loading, "load_pretrained", refuse)
-    monkeypatch.setattr(visionzip_eval.testing, "build_tiny_llava", refuse)
+    monkeypatch.setattr(visionzip_eval.backends.llava_hf, "build_tiny_llava", refuse)
 
 
 def snapshot(root: Path) -> dict:

@@ -14,7 +14,8 @@ from visionzip_eval import (
 )
 from visionzip_eval.backends import backend_for
 from visionzip_eval.selection import visionzip_select
-from visionzip_eval.testing import build_tiny_llava, sample_images
+from visionzip_eval.backends.llava_hf import build_tiny_llava
+from visionzip_eval.testing import sample_images
 from helpers import hooks, llm_input_embeddings
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"

@@ -26,7 +26,8 @@ from visionzip_eval.backends.llava_next import (
 )
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import visionzip_select
-from visionzip_eval.testing import build_tiny_llava_next, sample_images
+from visionzip_eval.backends.llava_next import build_tiny_llava_next
+from visionzip_eval.testing import sample_images
 from helpers import generate_requests, hooks, llm_input_embeddings
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"

@@ -26,7 +26,8 @@ from visionzip_eval.loading import load_pretrained
 from visionzip_eval.backends.llava_onevision import LlavaOnevisionBackend
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import received_attention, visionzip_select
-from visionzip_eval.testing import build_tiny_llava_onevision, sample_images
+from visionzip_eval.backends.llava_onevision import build_tiny_llava_onevision
+from visionzip_eval.testing import sample_images
 from helpers import generate_requests, hooks, llm_input_embeddings
 
 VIDEO = Path(__file__).resolve().parents[1] / "tasks/visionzip_smoke/data/videomme/data/vz_red_ball.mp4"

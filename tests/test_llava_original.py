@@ -30,7 +30,8 @@ from visionzip_eval.backends.llava_original import (  # noqa: E402
 )
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM  # noqa: E402
 from visionzip_eval.selection import visionzip_select  # noqa: E402
-from visionzip_eval.testing import build_tiny_llava_original, sample_images  # noqa: E402
+from visionzip_eval.backends.llava_original import build_tiny_llava_original  # noqa: E402
+from visionzip_eval.testing import sample_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from visionzip_eval import PoolTokens, RandomTokens
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.media import load_visuals
 from visionzip_eval.selection import visionzip_select
-from visionzip_eval.testing import build_tiny_qwen2_5_vl, sample_images
+from visionzip_eval.backends.qwen2_5_vl import build_tiny_qwen2_5_vl
+from visionzip_eval.testing import sample_images
 
 VIDEO = Path(__file__).resolve().parents[1] / "tasks/visionzip_smoke/data/videomme/data/vz_red_ball.mp4"
 

@@ -5,7 +5,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from visionzip_eval import VisionZip, visionzip, visionzip_processor
 from visionzip_eval.cli import main
-from visionzip_eval.testing import build_tiny_llava, sample_images
+from visionzip_eval.backends.llava_hf import build_tiny_llava
+from visionzip_eval.testing import sample_images
 
 PROMPT = "USER: <image>\nDescribe it. ASSISTANT:"
 

@@ -133,7 +133,7 @@ def test_tune_trains_the_projector_under_the_reduction_and_the_folder_reloads(da
     from visionzip_eval.backends import backend_for
     from visionzip_eval.loading import load_pretrained
     from visionzip_eval.methods.visionzip import VisionZip
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
 
     keep = Keep()
     out = tmp_path / "tuned"
@@ -175,7 +175,7 @@ def test_gradients_reach_the_projector_through_the_selection_and_nothing_frozen(
     VisionZip's gather and merge; the frozen tower and LLM get none."""
     from visionzip_eval.backends import backend_for
     from visionzip_eval.methods.visionzip import VisionZip
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
     from visionzip_eval.tuning.tune import freeze
 
     model, processor = build_tiny_llava(seed=0)
@@ -302,7 +302,7 @@ def test_bench_train_rows_and_the_flops_formula():
 def test_step_flops_formula():
     from visionzip_eval.backends import backend_for
     from visionzip_eval.profiling import DecoderShape, prefill_flops
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
     from visionzip_eval.tuning.cost import step_flops
 
     model, _ = build_tiny_llava(seed=0)

@@ -50,7 +50,7 @@ def _shown(path: str | Path) -> str:
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     _ensure_writable(args.directory, "tiny-model DIRECTORY")
-    from visionzip_eval.testing import save_tiny_llava
+    from visionzip_eval.backends.llava_hf import save_tiny_llava
 
     path = save_tiny_llava(args.directory, seed=args.seed)
     print(f"tiny LLaVA (random weights, seed {args.seed}) saved to {path}")

@@ -88,7 +88,11 @@ class VLMBackend(ABC):
     # -- loading (visionzip_eval.loading dispatches on these) ---------------------------------
     model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values this family loads
     claim_order: ClassVar[int] = 0  # lower claims first (for configs another family would also claim)
-    builtin: ClassVar[dict[str, str]] = {}  # builtin:* name -> builder in visionzip_eval.testing
+    # the transformers class whose ``from_pretrained`` loads this family's checkpoints (``load``)
+    model_class: ClassVar[type | None] = None
+    # builtin:* name -> the family's tiny offline builder: (seed=0, attn_implementation=...) ->
+    # (model, processor), CPU, float32, eval mode
+    builtin: ClassVar[dict[str, Callable]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -100,8 +104,14 @@ class VLMBackend(ABC):
 
     @classmethod
     def load(cls, pretrained: str, dtype, device, attn_implementation: str | None):
-        """(model, processor) of a checkpoint this family claims."""
-        raise NotImplementedError(f"{cls.name} cannot load checkpoints")
+        """(model, processor) of a checkpoint this family claims (hub id or local folder), in
+        ``dtype`` on ``device``, eval mode: ``model_class.from_pretrained`` and its processor."""
+        if cls.model_class is None:
+            raise NotImplementedError(f"{cls.name} cannot load checkpoints")
+        from transformers import AutoProcessor
+
+        model = cls.model_class.from_pretrained(pretrained, dtype=dtype, attn_implementation=attn_implementation)
+        return model.to(device).eval(), AutoProcessor.from_pretrained(pretrained)
 
     @classmethod
     @abstractmethod

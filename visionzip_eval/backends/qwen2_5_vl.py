@@ -60,6 +60,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, chat_messages, register_backend
 from visionzip_eval.selection import Selection, grid_for, received_attention
+from visionzip_eval.backends.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, instantiate, tiny_tokenizer
 
 NOMINAL_GRID = (1, 32, 32)  # 448 x 448 px, for vision_flops
 
@@ -92,15 +93,125 @@ def _core(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, Qwen2_5_VLModel) else model
 
 
+# -- the tiny offline model (builtin:tiny-qwen2.5-vl) ----------------------------------------------
+
+QWEN_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|endoftext|>",
+)
+# The chat template of Qwen/Qwen2.5-VL-*-Instruct, reduced to what the harness sends (text, images,
+# videos; default system prompt).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_qwen2_5_vl_processor(max_pixels: int = 224 * 224):
+    """Qwen2.5-VL's processor (dynamic resolution, 14 px patches, 2x2 merge) built in code; the
+    pixel range is shrunk (default at most 224 x 224 = 64 merged tokens) so CPU tests stay fast."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = tiny_tokenizer(QWEN_SPECIAL_TOKENS)
+    size = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+    common = dict(
+        size=size, patch_size=14, temporal_patch_size=2, merge_size=2,
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**common),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen2_5_vl(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_hidden: int = 64,
+    vision_depth: int = 4,
+    vision_heads: int = 4,
+    fullatt_block_indexes: tuple[int, ...] = (1, 3),
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    max_pixels: int = 224 * 224,
+):
+    """A random-weight Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct look-alike: 14 px patches, 2x2
+    PatchMerger, 112 px attention windows with full attention in ``fullatt_block_indexes``, M-RoPE
+    LLM) and its processor, deterministic by seed."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = tiny_qwen2_5_vl_processor(max_pixels)
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = text_hidden // text_heads
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_heads=vision_heads,
+            out_hidden_size=text_hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=list(fullatt_block_indexes),
+            hidden_act="silu",
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=text_hidden * 3,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads,
+            max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = instantiate(Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed, attn_implementation)
+    with torch.no_grad():  # sharper than the 0.02 init: attention scores that are not uniform
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight.mul_(8.0)
+    return model, processor
+
+
 @register_backend
 class Qwen2_5_VLBackend(VLMBackend):
     name = "qwen2.5-vl (Qwen2_5_VLForConditionalGeneration, window-attention ViT + 2x2 merger, images)"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
-    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-qwen2.5-vl": "build_tiny_qwen2_5_vl"}
+    model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration
+    builtin: ClassVar[dict[str, Callable]] = {"builtin:tiny-qwen2.5-vl": build_tiny_qwen2_5_vl}
 
-    @classmethod
-    def load(cls, pretrained, dtype, device, attn_implementation):
-        return load_pretrained(pretrained, dtype, device, attn_implementation)
     cls_token: ClassVar[bool] = False
     in_llm_pruning: ClassVar[bool] = False  # 3-D multimodal rotary positions (mrope)
 
@@ -506,14 +617,3 @@ def reduced_rope_index(core, input_ids, mm_token_type_ids, grids, kept, attentio
             position_ids[:, row] = positions.to(position_ids.dtype)
         deltas.append(int(positions.max()) + 1 - len(ids))
     return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
-
-
-def load_pretrained(pretrained: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None):
-    """A Qwen2.5-VL checkpoint (hub id or local folder) and its processor."""
-    from transformers import AutoProcessor
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        pretrained, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
-    processor = AutoProcessor.from_pretrained(pretrained)
-    return model.eval(), processor

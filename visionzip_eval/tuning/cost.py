@@ -97,7 +97,8 @@ def bench_train(
     from visionzip_eval.budget import Budget
     from visionzip_eval.methods import MethodSpec
     from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock
-    from visionzip_eval.testing import build_llava15_7b_shape, build_tiny_llava, sample_images
+    from visionzip_eval.backends.llava_hf import build_llava15_7b_shape, build_tiny_llava
+    from visionzip_eval.testing import sample_images
     from visionzip_eval.tuning.data import encode_conversation
     from visionzip_eval.tuning.tune import TRAIN_PARTS, freeze
 
