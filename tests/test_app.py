@@ -1,4 +1,4 @@
-"""The app's plain helpers (visionzip_eval.app) and its page being built; the page itself is
+"""The app's plain helpers (visionzip_eval.demos.app) and its page being built; the page itself is
 driven in a real browser by test_app_browser.py."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visionzip_eval.app import open_image, parse_indices, redundancy_view
+from visionzip_eval.demos.app import open_image, parse_indices, redundancy_view
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_redundancy_view_of_a_scene(trained):
 
 def test_the_page_builds_with_the_default_model(trained):
     gradio = pytest.importorskip("gradio")
-    from visionzip_eval.app import build_app
+    from visionzip_eval.demos.app import build_app
 
     model, processor, _, image = trained
     page = build_app(model, processor, examples=[image])

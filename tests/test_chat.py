@@ -1,4 +1,4 @@
-"""Demo-Chat's logic (visionzip_eval.chat): the chosen tokens, starting from a method, the patch
+"""Demo-Chat's logic (visionzip_eval.demos.chat): the chosen tokens, starting from a method, the patch
 grid, and conversations that encode the image once."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from visionzip_eval.apply import applied_reducer, tokens_per_image
 from visionzip_eval.backends import backend_for
-from visionzip_eval.chat import (
+from visionzip_eval.demos.chat import (
     SCALE,
     ChosenTokens,
     Conversation,
@@ -27,7 +27,7 @@ from visionzip_eval.engine import Engine
 from visionzip_eval.methods import get_method
 from visionzip_eval.methods.base import NoReduction
 from visionzip_eval.methods.visionzip import VisionZip
-from visionzip_eval.visualize import DOMINANT_OUTLINE
+from visionzip_eval.demos.visualize import DOMINANT_OUTLINE
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

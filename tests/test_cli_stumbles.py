@@ -97,7 +97,7 @@ def test_top_level_names_still_import():
 # -- 2. demo: the budgets asked for, every path printed the same way ----------------------------
 
 def test_demo_prints_requested_budgets_and_paths_one_way(tmp_path, monkeypatch, capsys):
-    from visionzip_eval import demo
+    from visionzip_eval.demos import demo
 
     monkeypatch.setattr(demo, "DEMO_TASKS", ["visionzip_synth_pope"])  # 3 runs, not 15
     (tmp_path / "a").mkdir()

@@ -7,7 +7,7 @@ import torch
 from helpers import hooks
 from method_table import METHOD_ROWS
 
-from visionzip_eval import llm_pruning
+from visionzip_eval.methods import llm_pruning
 from visionzip_eval.apply import visionzip_processor
 from visionzip_eval.backends import backend_for
 from visionzip_eval.engine import Engine, Generation, Request

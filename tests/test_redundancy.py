@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from visionzip_eval.cli import main
-from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
+from visionzip_eval.demos.redundancy import redundancy_figure, tower_redundancy
 from visionzip_eval.backends.llava_hf import build_tiny_llava
 from visionzip_eval.backends.llava_onevision import build_tiny_llava_onevision
 from visionzip_eval.testing import sample_images

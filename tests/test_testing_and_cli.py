@@ -51,7 +51,7 @@ def test_cli_tiny_model_saves_a_model_that_loads_offline(tmp_path, capsys):
 
 
 def test_cli_demo_runs_sweep_report_and_picture(tmp_path, capsys):
-    from visionzip_eval.demo import run_demo
+    from visionzip_eval.demos.demo import run_demo
 
     summary, report, pictures = run_demo(
         tmp_path / "demo", progress=False, tasks=["visionzip_synth_pope"], budgets=("full", 64), limit=6
@@ -84,7 +84,7 @@ def test_cli_visualize_writes_a_picture(tmp_path, capsys):
     assert main(["visualize", str(image), "--budget", "128,64", "--out", str(out)]) == 0
     from PIL import Image
 
-    from visionzip_eval.visualize import CAPTION_HEIGHT
+    from visionzip_eval.demos.visualize import CAPTION_HEIGHT
 
     assert Image.open(out).size == (3 * 336 + 2 * 8, 336 + CAPTION_HEIGHT)  # two budgets + attention map
     broken = tmp_path / "broken.png"

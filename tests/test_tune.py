@@ -323,7 +323,7 @@ def test_step_flops_formula():
 
 def test_report_labels_runs_of_a_tuned_checkpoint_with_the_double_dagger(tmp_path, monkeypatch):
     from visionzip_eval.report.collect import load_results
-    from visionzip_eval.report.synthetic import MODEL as BASE, PRETRAINED, SCORES, make_results, write_run
+    from synthetic import MODEL as BASE, PRETRAINED, SCORES, make_results, write_run
     from visionzip_eval.report.tables import score_tables
 
     monkeypatch.chdir(tmp_path)

@@ -162,7 +162,7 @@ class VLMBackend(ABC):
     def tower_layers(self) -> tuple[list[nn.Module], int]:
         """The tower's encoder layers (each with ``self_attn.q_proj/k_proj``, ``num_heads``,
         ``scale``) and the index of layer L among them, for views over every layer
-        (``visionzip_eval.redundancy``)."""
+        (``visionzip_eval.demos.redundancy``)."""
         raise ValueError(f"{self.name} does not expose its tower's layers")
 
     def next_layer_projections(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -205,7 +205,7 @@ class VLMBackend(ABC):
         whose ``tokens`` are projected: (units, tokens_per_image, llm_hidden)); returns the undo
         function. ``full``: the reducer keeps every token (the model's own layout applies)."""
 
-    # -- inside the LLM (in-LLM methods: visionzip_eval.llm_pruning) ---------------------------
+    # -- inside the LLM (in-LLM methods: visionzip_eval.methods.llm_pruning) ---------------------------
     def decoder(self) -> nn.Module:
         """The decoder stack: ``layers``, each with ``input_layernorm`` and ``self_attn``
         (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``)."""

@@ -7,9 +7,9 @@
   visual tokens the LLM received and the prefill time, optionally beside the answer with every
   token. The conversation goes on over turns; its visual tokens are computed once.
 - **Redundancy view**: per tower layer, how the CLS attention concentrates on a few patches,
-  and how alike the rest are (``visionzip_eval.redundancy``).
+  and how alike the rest are (``visionzip_eval.demos.redundancy``).
 
-The logic is plain Python (``visionzip_eval.chat``, ``visionzip_eval.redundancy``, and
+The logic is plain Python (``visionzip_eval.demos.chat``, ``visionzip_eval.demos.redundancy``, and
 :func:`redundancy_view` here); ``build_app`` only draws the page and keeps per-visitor state.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from visionzip_eval.chat import (
+from visionzip_eval.demos.chat import (
     SCALE,
     ChosenTokens,
     Conversation,
@@ -60,7 +60,7 @@ def redundancy_view(engine: Engine, image: Image.Image, top_k: int = 54) -> tupl
     """The redundancy figure of ``image``'s base unit and a one-paragraph summary."""
     import matplotlib.pyplot as plt
 
-    from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
+    from visionzip_eval.demos.redundancy import redundancy_figure, tower_redundancy
 
     rows, cols = engine.backend.patch_grid
     stats = tower_redundancy(engine.model, base_unit(engine, image), top_k=min(top_k, rows * cols - 1))
