@@ -65,3 +65,12 @@ def test_backends_import_nothing_above_themselves():
             # its own ancestor packages (run first by any import) are not "above" it
             above = sorted(t for t in targets if not t.startswith(allowed) and not module.startswith(t + "."))
             assert not above, f"{module} imports {above}"
+
+
+def test_only_the_cli_reaches_the_demos_and_testing_imports_no_model_code():
+    edges = graph()
+    for module, targets in edges.items():
+        if not module.startswith(("visionzip_eval.demos", "visionzip_eval.cli")):
+            demos = sorted(t for t in targets if t.startswith("visionzip_eval.demos"))
+            assert not demos, f"{module} imports the demos {demos}"
+    assert edges["visionzip_eval.testing"] == set()  # sample images only: the tiny models live with their families
