@@ -27,7 +27,8 @@ from PIL import Image
 
 from visionzip_eval import NoReduction, VisionZip, visionzip_processor
 from visionzip_eval.profiling import DecoderShape, StageClock, prefill_flops
-from visionzip_eval.testing import build_tiny_qwen2_5_vl, sample_images
+from visionzip_eval.backends.qwen2_5_vl import build_tiny_qwen2_5_vl
+from visionzip_eval.testing import sample_images
 
 BUDGETS = ("full", "54+10", "108+20", "216+40")
 WARMUP = 3  # untimed forwards per budget: with 1, the first budget measured ran ~10x slow on CPU

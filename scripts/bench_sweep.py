@@ -27,7 +27,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from visionzip_eval.sweep import load_config, plan
-    from visionzip_eval.testing import save_tiny_llava
+    from visionzip_eval.backends.llava_hf import save_tiny_llava
 
     config = load_config(args.config)
     runs = plan(config)

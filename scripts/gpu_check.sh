@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 # SIGINT at the limit: the step running is cut short; the summary of the steps before it stays.
-exec timeout --signal=INT --kill-after=20 600 "$PY" -m visionzip_eval.gpu_check "$@"
+exec timeout --signal=INT --kill-after=20 600 "$PY" scripts/gpu_check.py "$@"

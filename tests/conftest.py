@@ -13,14 +13,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny():
     """A tiny random LLaVA (SDPA) and its processor; tests must not leave VisionZip applied."""
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
 
     return build_tiny_llava(seed=0, attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="session")
 def tiny_eager():
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
 
     return build_tiny_llava(seed=0, attn_implementation="eager")
 

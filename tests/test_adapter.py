@@ -9,7 +9,8 @@ from lmms_eval.api.instance import Instance
 
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM, _cli_output_path
 from visionzip_eval.records import EFFICIENCY_FIELDS as FIELDS
-from visionzip_eval.testing import build_tiny_llava, sample_images
+from visionzip_eval.backends.llava_hf import build_tiny_llava
+from visionzip_eval.testing import sample_images
 
 GEN = {"max_new_tokens": 4, "until": ["\n\n"]}
 

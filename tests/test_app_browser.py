@@ -50,10 +50,10 @@ def tools():
 def served(tools):
     """The page on a free port, its model, and what the LLM received at each prefill."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from visionzip_eval.app import build_app
+    from visionzip_eval.demos.app import build_app
     from visionzip_eval.synth.benchmark import build_docs
     from visionzip_eval.synth.scenes import render
-    from visionzip_eval.testing import load_tiny_llava_synth
+    from visionzip_eval.synth.weights import load_trained as load_tiny_llava_synth
 
     model, processor = load_tiny_llava_synth()
     _, scenes = build_docs("pope", n_scenes=2)
@@ -146,8 +146,8 @@ def test_choosing_ten_patches_sends_exactly_those_and_answers_as_the_python_api(
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from visionzip_eval.app import DEFAULT_QUESTION as QUESTION
-    from visionzip_eval.chat import ChosenTokens, answer
+    from visionzip_eval.demos.app import DEFAULT_QUESTION as QUESTION
+    from visionzip_eval.demos.chat import ChosenTokens, answer
     from visionzip_eval.methods.base import NoReduction
 
     driver = browser

@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from visionzip_eval import bench, testing
+from visionzip_eval import bench
+from visionzip_eval.backends import llava_hf
 from visionzip_eval.cli import main
 
 CLIP_L_336_VISION = 303_507_456  # openai/clip-vit-large-patch14-336's vision model
@@ -33,14 +34,14 @@ def test_check_fits_names_the_largest_layer_count_that_fits():
     with pytest.raises(ValueError, match="no decoder layer fits"):
         bench.check_fits(32, torch.float32, 2 * 2**30)
     with pytest.raises(ValueError, match="layers must be 1 to 32"):
-        testing.llava15_7b_config(33)
+        llava_hf.llava15_7b_config(33)
 
 
 def test_refuses_a_run_too_slow_for_the_limit_before_building(monkeypatch, capsys):
     def no_build(*args, **kwargs):
         raise AssertionError("built the model despite the refusal")
 
-    monkeypatch.setattr(testing, "build_llava15_7b_shape", no_build)
+    monkeypatch.setattr(llava_hf, "build_llava15_7b_shape", no_build)
     monkeypatch.setattr(bench, "_free_bytes", lambda device: 64 * 2**30)
     assert main(["bench", "realsize", "--layers", "1", "--max-minutes", "0.00001", "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
@@ -56,8 +57,8 @@ def test_cuda_asked_for_without_a_gpu_is_refused(monkeypatch):
 
 
 def test_rows_carry_roofline_and_kv_cache_on_a_stand_in(monkeypatch):
-    monkeypatch.setattr(testing, "build_llava15_7b_shape",
-                        lambda layers, dtype, device: testing.build_tiny_llava(seed=0))
+    monkeypatch.setattr(llava_hf, "build_llava15_7b_shape",
+                        lambda layers, dtype, device: llava_hf.build_tiny_llava(seed=0))
     rows, info = bench.bench_realsize(budgets=("full", 64), repeats=1, layers=1, progress=lambda msg: None)
     full, reduced = rows
     assert (full["visual_tokens"], reduced["visual_tokens"]) == (576, 64)

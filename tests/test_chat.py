@@ -1,4 +1,4 @@
-"""Demo-Chat's logic (visionzip_eval.chat): the chosen tokens, starting from a method, the patch
+"""Demo-Chat's logic (visionzip_eval.demos.chat): the chosen tokens, starting from a method, the patch
 grid, and conversations that encode the image once."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from visionzip_eval.apply import applied_reducer, tokens_per_image
 from visionzip_eval.backends import backend_for
-from visionzip_eval.chat import (
+from visionzip_eval.demos.chat import (
     SCALE,
     ChosenTokens,
     Conversation,
@@ -27,7 +27,7 @@ from visionzip_eval.engine import Engine
 from visionzip_eval.methods import get_method
 from visionzip_eval.methods.base import NoReduction
 from visionzip_eval.methods.visionzip import VisionZip
-from visionzip_eval.visualize import DOMINANT_OUTLINE
+from visionzip_eval.demos.visualize import DOMINANT_OUTLINE
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -36,7 +36,7 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 def trained():
     from visionzip_eval.synth.benchmark import build_docs
     from visionzip_eval.synth.scenes import render
-    from visionzip_eval.testing import load_tiny_llava_synth
+    from visionzip_eval.synth.weights import load_trained as load_tiny_llava_synth
 
     model, processor = load_tiny_llava_synth()
     _, scenes = build_docs("pope", n_scenes=2)
@@ -162,7 +162,8 @@ def test_ten_patches_miss_what_every_token_sees(trained):
 
 def test_anyres_keeps_the_chosen_patches_in_every_crop():
     from visionzip_eval.engine import Generation, Request
-    from visionzip_eval.testing import build_tiny_llava_next, sample_images
+    from visionzip_eval.backends.llava_next import build_tiny_llava_next
+    from visionzip_eval.testing import sample_images
 
     model, processor = build_tiny_llava_next(seed=0)
     engine = Engine(model, processor)

@@ -45,13 +45,13 @@ def write_config(tmp_path, name="sweep.yaml", **overrides) -> Path:
 def no_model_loads(monkeypatch):
     """Any model load (sweep runner, demo, tiny-model) fails the test."""
     import visionzip_eval.loading
-    import visionzip_eval.testing
+    import visionzip_eval.backends.llava_hf
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
 
     monkeypatch.setattr(visionzip_eval.loading, "load_pretrained", refuse)
-    monkeypatch.setattr(visionzip_eval.testing, "build_tiny_llava", refuse)
+    monkeypatch.setattr(visionzip_eval.backends.llava_hf, "build_tiny_llava", refuse)
 
 
 def snapshot(root: Path) -> dict:
@@ -97,7 +97,7 @@ def test_top_level_names_still_import():
 # -- 2. demo: the budgets asked for, every path printed the same way ----------------------------
 
 def test_demo_prints_requested_budgets_and_paths_one_way(tmp_path, monkeypatch, capsys):
-    from visionzip_eval import demo
+    from visionzip_eval.demos import demo
 
     monkeypatch.setattr(demo, "DEMO_TASKS", ["visionzip_synth_pope"])  # 3 runs, not 15
     (tmp_path / "a").mkdir()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_eval import gpu_check
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))  # gpu_check.py is a script of the checkout, not in the package
+import gpu_check  # noqa: E402
 
 
 @pytest.fixture

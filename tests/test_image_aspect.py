@@ -38,7 +38,7 @@ def photos() -> dict[str, Image.Image]:
 def llava_hf(tmp_path_factory):
     """A tiny llava-hf checkpoint loaded the way real ones are (model + AutoProcessor)."""
     from visionzip_eval.loading import load_pretrained
-    from visionzip_eval.testing import save_tiny_llava
+    from visionzip_eval.backends.llava_hf import save_tiny_llava
 
     folder = save_tiny_llava(tmp_path_factory.mktemp("llava-hf"), seed=0)
     return load_pretrained(str(folder), torch.float32, torch.device("cpu"), "sdpa")
@@ -171,7 +171,7 @@ def test_parsing_accepts_case_and_unset():
 
 
 def test_families_that_shape_their_own_images_refuse_another_aspect():
-    from visionzip_eval.testing import build_tiny_llava_next
+    from visionzip_eval.backends.llava_next import build_tiny_llava_next
 
     model, processor = build_tiny_llava_next()
     anyres = backend_for(model)  # AnyRes: shapes its own images
@@ -181,7 +181,7 @@ def test_families_that_shape_their_own_images_refuse_another_aspect():
 
 
 def test_original_llava_follows_its_config():
-    from visionzip_eval.testing import build_tiny_llava_original
+    from visionzip_eval.backends.llava_original import build_tiny_llava_original
 
     model, processor = build_tiny_llava_original()
     assert processor.model_config.image_aspect_ratio == "pad"

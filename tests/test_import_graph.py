@@ -84,3 +84,12 @@ def test_the_sweep_reaches_lmms_only_to_construct_the_adapter():
         if module.startswith("visionzip_eval.sweep"):
             lmms = sorted(t for t in targets if t.startswith("visionzip_eval.lmms") and t not in allowed)
             assert not lmms, f"{module} imports {lmms}: the sweep uses lmms/ only through lmms.adapter"
+
+
+def test_only_the_cli_reaches_the_demos_and_testing_imports_no_model_code():
+    edges = graph()
+    for module, targets in edges.items():
+        if not module.startswith(("visionzip_eval.demos", "visionzip_eval.cli")):
+            demos = sorted(t for t in targets if t.startswith("visionzip_eval.demos"))
+            assert not demos, f"{module} imports the demos {demos}"
+    assert edges["visionzip_eval.testing"] == set()  # sample images only: the tiny models live with their families

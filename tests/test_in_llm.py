@@ -7,12 +7,14 @@ import torch
 from helpers import hooks
 from method_table import METHOD_ROWS
 
-from visionzip_eval import llm_pruning
+from visionzip_eval.methods import llm_pruning
 from visionzip_eval.apply import visionzip_processor
 from visionzip_eval.backends import backend_for
 from visionzip_eval.engine import Engine, Generation, Request
 from visionzip_eval.methods import MethodSpec, list_methods
-from visionzip_eval.testing import build_tiny_llava, build_tiny_qwen2_5_vl, sample_images
+from visionzip_eval.backends.llava_hf import build_tiny_llava
+from visionzip_eval.backends.qwen2_5_vl import build_tiny_qwen2_5_vl
+from visionzip_eval.testing import sample_images
 
 IN_LLM = [row for row in METHOD_ROWS if MethodSpec.parse(row[0]).name in {i.name for i in list_methods("in-llm")}]
 IN_LLM_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for name, o, _ in IN_LLM]
@@ -24,7 +26,7 @@ PROMPTS = ["What is this?", "Describe the picture in many words, please, and be 
 def family(request, tmp_path_factory):
     if request.param == "llava-original":
         pytest.importorskip("llava.model.builder", reason="the original llava package (llava-torch) is not installed")
-        from visionzip_eval.testing import build_tiny_llava_original
+        from visionzip_eval.backends.llava_original import build_tiny_llava_original
 
         model, processor = build_tiny_llava_original(tmp_path_factory.mktemp("llava") / "llava-tiny", text_layers=LAYERS)
     else:

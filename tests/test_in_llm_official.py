@@ -11,7 +11,8 @@ from official_sparsevlm import official_sparsevlm_layer, official_text_raters
 
 from visionzip_eval.apply import visionzip_processor
 from visionzip_eval.methods import MethodSpec
-from visionzip_eval.testing import build_tiny_llava, sample_images
+from visionzip_eval.backends.llava_hf import build_tiny_llava
+from visionzip_eval.testing import sample_images
 
 LAYERS = 6
 

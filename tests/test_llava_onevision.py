@@ -26,7 +26,8 @@ from visionzip_eval.loading import load_pretrained
 from visionzip_eval.backends.llava_onevision import LlavaOnevisionBackend
 from visionzip_eval.lmms.adapter import SAMPLE_ERROR, VisionZipLMM
 from visionzip_eval.selection import received_attention, visionzip_select
-from visionzip_eval.testing import build_tiny_llava_onevision, sample_images
+from visionzip_eval.backends.llava_onevision import build_tiny_llava_onevision
+from visionzip_eval.testing import sample_images
 from helpers import generate_requests, hooks, llm_input_embeddings
 
 VIDEO = Path(__file__).resolve().parents[1] / "tasks/visionzip_smoke/data/videomme/data/vz_red_ball.mp4"
@@ -176,10 +177,6 @@ def test_full_path_equals_vanilla_features(ov_tiny):
     assert torch.equal(ours_video, vanilla_video)
 
 
-
-
-
-
 def stitched_reference(unit_rows, unit_positions, grid, patch_grid=(27, 27)):
     """The documented layout of a one-image prompt's image, walked position by position (SigLIP:
     no CLS, patch positions start at 0): base unit rows, the crops' kept patches in raster
@@ -242,40 +239,6 @@ def test_video_gets_frames_times_budget(ov_tiny, budget, per_frame):
     visionzip_processor(processor, model)
     torch.testing.assert_close(embeds[mask], want.reshape(5 * per_frame, -1), atol=1e-5, rtol=1e-5)
     assert "replace_video_token" not in processor.__dict__
-
-
-def test_leaving_the_block_restores_the_model_exactly():
-    model, processor = build_tiny_llava_onevision(seed=2)
-    pristine, _ = build_tiny_llava_onevision(seed=2)
-    image, clip = sample_images()["coffee"], frames(2)
-    full_inputs = processor(images=[[image]], videos=[clip], text=[prompt(1, 1)], return_tensors="pt")
-    before = hooks(model)
-    with VisionZip(54, 10)(model):
-        visionzip_processor(processor, model)
-        small = processor(images=[[image]], videos=[clip], text=[prompt(1, 1)], return_tensors="pt")
-        assert int((small["input_ids"] == model.config.image_token_id).sum()) == 5 * 64
-        assert int((small["input_ids"] == model.config.video_token_id).sum()) == 2 * 64
-        with torch.no_grad():
-            model.generate(**small, max_new_tokens=2, do_sample=False)
-    visionzip_processor(processor, model)
-    assert applied_reducer(model) is None and hooks(model) == before
-    with torch.no_grad():
-        got = model(**full_inputs).logits
-        want = pristine(**full_inputs).logits
-        got_gen = model.generate(**full_inputs, max_new_tokens=3, do_sample=False)
-        want_gen = pristine.generate(**full_inputs, max_new_tokens=3, do_sample=False)
-    assert torch.equal(got, want) and torch.equal(got_gen, want_gen)
-
-
-def test_wrong_placeholder_counts_say_how_to_fix(ov_tiny):
-    model, processor = ov_tiny
-    images = processor(images=[[sample_images()["rocket"]]], text=[prompt(1)], return_tensors="pt")
-    video = processor(videos=[frames(2)], text=[prompt(0, 1)], return_tensors="pt")
-    with VisionZip(54, 10)(model), torch.no_grad():
-        with pytest.raises(ValueError, match="2709 image placeholder.*320 .64 per crop, base image included.*visionzip_processor"):
-            model(**images)
-        with pytest.raises(ValueError, match="393 video placeholder.*128 .64 per frame.*visionzip_processor"):
-            model(**video)
 
 
 def test_backend_geometry_and_flops(ov_tiny):

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from visionzip_eval.cli import main
-from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
-from visionzip_eval.testing import build_tiny_llava, build_tiny_llava_onevision, sample_images
+from visionzip_eval.demos.redundancy import redundancy_figure, tower_redundancy
+from visionzip_eval.backends.llava_hf import build_tiny_llava
+from visionzip_eval.backends.llava_onevision import build_tiny_llava_onevision
+from visionzip_eval.testing import sample_images
 
 
 def test_per_layer_cls_attention_equals_the_eager_maps():

@@ -9,7 +9,7 @@ import pytest
 
 from visionzip_eval.report.collect import load_results
 from visionzip_eval.report.regress import CPU_TOLERANCES, compare, compare_ratio, load_baseline, write_baseline
-from visionzip_eval.report.synthetic import make_results, quiet_machine
+from synthetic import make_results, quiet_machine
 
 VZ64 = "llava-1.5-7b__visionzip__64__{task}__limit-all__seed-0"
 TIMES = ("vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms")

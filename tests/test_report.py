@@ -1,6 +1,6 @@
 """The report: collection into a tidy frame, paper-layout tables, paper rows, figures, the command.
 
-All on handcrafted results folders in the sweep runner's exact format (visionzip_eval.report.synthetic):
+All on handcrafted results folders in the sweep runner's exact format (tests/synthetic.py):
 no model runs here.
 """
 
@@ -18,7 +18,7 @@ from visionzip_eval.report import COLUMNS, TableOptions, load_results, score_tab
 from visionzip_eval.benchmarks import benchmark_key, metric_scale
 from visionzip_eval.benchmarks.paper import paper_model_for, paper_results
 from visionzip_eval.report.render import block_latex, blocks_markdown
-from visionzip_eval.report.synthetic import FAILED_ERROR, make_results, prefill_ms
+from synthetic import FAILED_ERROR, make_results, prefill_ms
 from visionzip_eval.report.tables import efficiency_tables
 
 
@@ -328,7 +328,7 @@ def test_in_llm_rows_group_by_budget_compare_with_the_paper_and_show_tokens_in_a
     """FastV counted as the paper counts it (count=average): its row sits in the 64-token
     group beside the published FastV row with a delta, and the efficiency table shows the 576
     tokens entering the LLM and the 30 it keeps from layer 2 on."""
-    from visionzip_eval.report.synthetic import MODEL, PRETRAINED, SCORES, write_run
+    from synthetic import MODEL, PRETRAINED, SCORES, write_run
 
     root = make_results(tmp_path / "sweep", problems=False)
     for task, metrics in SCORES[("visionzip", "64")].items():

@@ -9,7 +9,7 @@ from visionzip_eval.cli import main
 from visionzip_eval.profiling import DecoderShape, prefill_flops
 from visionzip_eval.report import load_results, write_report
 from visionzip_eval.report.frames import PREDICTION_DEVICE, frames_tables, predicted_ttft_ms, reference_model
-from visionzip_eval.report.synthetic import prefill_ms, write_run
+from synthetic import prefill_ms, write_run
 
 PER_FRAME = {"full": 196, "64": 64}
 

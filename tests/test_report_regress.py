@@ -11,7 +11,7 @@ from visionzip_eval.cli import main
 from visionzip_eval.report.regress import (
     CPU_TOLERANCES, DEFAULT_TOLERANCES, compare_value, load_baseline, regress, tolerance_for, write_baseline,
 )
-from visionzip_eval.report.synthetic import make_results
+from synthetic import make_results
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "llava-1.5-7b__visionzip__64__{task}__limit-all__seed-0"

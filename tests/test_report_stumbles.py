@@ -2,7 +2,7 @@
 footnote scales that do not match the run (synthetic MME, MMBench without circular rows), and
 figures drawn from zero complete runs.
 
-All on handcrafted results folders in the sweep runner's format (visionzip_eval.report.synthetic),
+All on handcrafted results folders in the sweep runner's format (tests/synthetic.py),
 with lmms-eval samples files written the way its MME and MMBench tasks log them.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 from visionzip_eval.report import TableOptions, load_results, score_tables, write_report
 from visionzip_eval.report.render import blocks_markdown
-from visionzip_eval.report.synthetic import run_id, write_run
+from synthetic import run_id, write_run
 
 MODEL, PRETRAINED = "tiny-llava-synth", "builtin:tiny-llava-synth"
 TOKENS = {"full": 576, "64": 64}

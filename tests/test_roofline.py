@@ -17,7 +17,7 @@ from visionzip_eval.profiling import DecoderShape, prefill_flops
 from visionzip_eval.records import RUN_JSON, RunRecord
 from visionzip_eval.report import load_results, write_report
 from visionzip_eval.report.render import format_value
-from visionzip_eval.report.synthetic import make_results, prefill_ms
+from synthetic import make_results, prefill_ms
 from visionzip_eval.report.tables import efficiency_tables
 from visionzip_eval.roofline import Device, ModelFacts, device_for, for_run, request_bound
 
@@ -327,7 +327,7 @@ def test_a_real_sweep_records_the_facts_and_the_report_bounds_it(tmp_path):
     """The runner writes run.json's roofline record; the report turns it into numbers (CPU entry)."""
     import yaml
 
-    from visionzip_eval.demo import REPO_TASKS
+    from visionzip_eval.demos.demo import REPO_TASKS
 
     config = {
         "name": "roof", "models": [{"name": "tiny", "pretrained": "builtin:tiny-llava", "dtype": "float32"}],

@@ -158,7 +158,7 @@ def test_without_ties_the_precisions_agree_on_the_dominant_patches():
 @pytest.fixture(scope="module")
 def tiny_fp16():
     """The tiny LLaVA-1.5 in fp16 with an eager tower, as the official code runs it."""
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
 
     model, processor = build_tiny_llava(seed=0, attn_implementation="eager")
     return model.half(), processor

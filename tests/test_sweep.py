@@ -245,7 +245,7 @@ def test_both_executors_give_the_adapter_the_same_model_args(tmp_path, monkeypat
 
 def test_method_options_travel_typed_from_config_to_run_folder_and_adapter(tmp_path):
     from visionzip_eval.lmms.adapter import VisionZipLMM
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
 
     methods = ["visionzip", {"name": "vispruner", "important_ratio": 0.25}, {"name": "vispruner"}]
     config = load_config(write_config(tmp_path, methods=methods, budgets=["full", 64], tasks=["visionzip_smoke_pope"],

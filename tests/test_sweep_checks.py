@@ -34,7 +34,7 @@ def test_rerun_noisy_runs_only_the_noisy_complete_runs(tmp_path, capsys):
     import json
 
     from visionzip_eval.records import read_run_json
-    from visionzip_eval.report.synthetic import quiet_machine
+    from synthetic import quiet_machine
     from visionzip_eval.sweep import load_config, plan, run_sweep
 
     config = load_config(write_config(tmp_path, tasks=["visionzip_smoke_pope"], limit=2))

@@ -12,7 +12,7 @@ from visionzip_eval.synth import benchmark as B
 from visionzip_eval.synth import model as M
 from visionzip_eval.synth import questions as Q
 from visionzip_eval.synth import train as T
-from visionzip_eval.testing import tiny_processor
+from visionzip_eval.backends.llava_hf import tiny_processor
 from visionzip_eval.synth.scenes import (
     COLORS,
     GRID,
@@ -287,7 +287,7 @@ def test_load_trained_names_the_fix_when_missing(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained():
-    from visionzip_eval.testing import load_tiny_llava_synth
+    from visionzip_eval.synth.weights import load_trained as load_tiny_llava_synth
 
     return load_tiny_llava_synth()
 

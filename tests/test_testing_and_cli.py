@@ -5,7 +5,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from visionzip_eval import VisionZip, visionzip, visionzip_processor
 from visionzip_eval.cli import main
-from visionzip_eval.testing import build_tiny_llava, sample_images
+from visionzip_eval.backends.llava_hf import build_tiny_llava
+from visionzip_eval.testing import sample_images
 
 PROMPT = "USER: <image>\nDescribe it. ASSISTANT:"
 
@@ -50,7 +51,7 @@ def test_cli_tiny_model_saves_a_model_that_loads_offline(tmp_path, capsys):
 
 
 def test_cli_demo_runs_sweep_report_and_picture(tmp_path, capsys):
-    from visionzip_eval.demo import run_demo
+    from visionzip_eval.demos.demo import run_demo
 
     summary, report, pictures = run_demo(
         tmp_path / "demo", progress=False, tasks=["visionzip_synth_pope"], budgets=("full", 64), limit=6
@@ -83,7 +84,7 @@ def test_cli_visualize_writes_a_picture(tmp_path, capsys):
     assert main(["visualize", str(image), "--budget", "128,64", "--out", str(out)]) == 0
     from PIL import Image
 
-    from visionzip_eval.visualize import CAPTION_HEIGHT
+    from visionzip_eval.demos.visualize import CAPTION_HEIGHT
 
     assert Image.open(out).size == (3 * 336 + 2 * 8, 336 + CAPTION_HEIGHT)  # two budgets + attention map
     broken = tmp_path / "broken.png"

@@ -133,7 +133,7 @@ def test_tune_trains_the_projector_under_the_reduction_and_the_folder_reloads(da
     from visionzip_eval.backends import backend_for
     from visionzip_eval.loading import load_pretrained
     from visionzip_eval.methods.visionzip import VisionZip
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
 
     keep = Keep()
     out = tmp_path / "tuned"
@@ -175,7 +175,7 @@ def test_gradients_reach_the_projector_through_the_selection_and_nothing_frozen(
     VisionZip's gather and merge; the frozen tower and LLM get none."""
     from visionzip_eval.backends import backend_for
     from visionzip_eval.methods.visionzip import VisionZip
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
     from visionzip_eval.tuning.tune import freeze
 
     model, processor = build_tiny_llava(seed=0)
@@ -302,7 +302,7 @@ def test_bench_train_rows_and_the_flops_formula():
 def test_step_flops_formula():
     from visionzip_eval.backends import backend_for
     from visionzip_eval.profiling import DecoderShape, prefill_flops
-    from visionzip_eval.testing import build_tiny_llava
+    from visionzip_eval.backends.llava_hf import build_tiny_llava
     from visionzip_eval.tuning.cost import step_flops
 
     model, _ = build_tiny_llava(seed=0)
@@ -323,7 +323,7 @@ def test_step_flops_formula():
 
 def test_report_labels_runs_of_a_tuned_checkpoint_with_the_double_dagger(tmp_path, monkeypatch):
     from visionzip_eval.report.collect import load_results
-    from visionzip_eval.report.synthetic import MODEL as BASE, PRETRAINED, SCORES, make_results, write_run
+    from synthetic import MODEL as BASE, PRETRAINED, SCORES, make_results, write_run
     from visionzip_eval.report.tables import score_tables
 
     monkeypatch.chdir(tmp_path)
@@ -349,7 +349,7 @@ def test_the_sweep_records_the_checkpoint_tuning_in_run_json_and_the_report_read
     checkpoint folder nor the directory the sweep ran in."""
     from visionzip_eval.records import read_run_json
     from visionzip_eval.report.collect import collect
-    from visionzip_eval.report.synthetic import PRETRAINED
+    from synthetic import PRETRAINED
     from visionzip_eval.sweep.config import SweepConfig
     from visionzip_eval.sweep.plan import plan
     from visionzip_eval.sweep.runner import ModelCache, execute_run, run_dir

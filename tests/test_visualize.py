@@ -6,7 +6,7 @@ from PIL import Image
 
 from visionzip_eval import VisionZip
 from visionzip_eval.testing import sample_images
-from visionzip_eval.visualize import (
+from visionzip_eval.demos.visualize import (
     CAPTION_HEIGHT,
     DOMINANT_OUTLINE,
     TARGET_OUTLINE,

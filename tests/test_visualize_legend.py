@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from visionzip_eval.budget import Budget
-from visionzip_eval.visualize import (
+from visionzip_eval.demos.visualize import (
     DOMINANT_OUTLINE,
     TARGET_OUTLINE,
     SelectionMap,
@@ -87,6 +87,6 @@ def test_captions_keep_their_spaces():
     assert sum(g >= 4 for g in gaps) == len(words) - 1, gaps
     assert gaps[2] >= 4 > max(gaps[:2])  # C|L, L|S tight; "CLS attention" apart
 
-    from visionzip_eval.visualize import ATTENTION_TITLE
+    from visionzip_eval.demos.visualize import ATTENTION_TITLE
 
     assert ATTENTION_TITLE.split(" ") == words

@@ -16,7 +16,7 @@ import torch
 
 from visionzip_eval.backends import backend_for
 from visionzip_eval.methods.visionzip import VisionZip
-from visionzip_eval.testing import build_tiny_llava
+from visionzip_eval.backends.llava_hf import build_tiny_llava
 
 CLIP_L = dict(vision_hidden=1024, vision_layers=24, vision_heads=16)
 
@@ -218,7 +218,7 @@ def _parameter_counts(layers: int) -> tuple[int, int, int]:
     counted on the meta device (nothing allocated)."""
     from transformers import LlavaForConditionalGeneration
 
-    from visionzip_eval.testing import llava15_7b_config
+    from visionzip_eval.backends.llava_hf import llava15_7b_config
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(llava15_7b_config(layers))
@@ -294,7 +294,7 @@ def bench_realsize(
     from visionzip_eval import roofline
     from visionzip_eval.backends import backend_for
     from visionzip_eval.profiling import machine_probe
-    from visionzip_eval.testing import LLAVA15_7B, build_llava15_7b_shape
+    from visionzip_eval.backends.llava_hf import LLAVA15_7B, build_llava15_7b_shape
 
     device, torch_dtype = _resolve(device, dtype)
     needed = check_fits(layers, torch_dtype, _free_bytes(device))

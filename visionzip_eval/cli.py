@@ -50,7 +50,7 @@ def _shown(path: str | Path) -> str:
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     _ensure_writable(args.directory, "tiny-model DIRECTORY")
-    from visionzip_eval.testing import save_tiny_llava
+    from visionzip_eval.backends.llava_hf import save_tiny_llava
 
     path = save_tiny_llava(args.directory, seed=args.seed)
     print(f"tiny LLaVA (random weights, seed {args.seed}) saved to {path}")
@@ -169,7 +169,7 @@ def _cmd_regress(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from visionzip_eval.budget import Budget
-    from visionzip_eval.demo import run_demo
+    from visionzip_eval.demos.demo import run_demo
 
     budgets = [Budget.parse(budget) for budget in args.budgets]  # a bad one: one-line error, no banner
     _ensure_writable(args.output_dir, "--output-dir")
@@ -224,7 +224,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("gradio") is None:
         raise ValueError('the app needs gradio: pip install "visionzip-eval[app]"')
-    from visionzip_eval.app import build_app
+    from visionzip_eval.demos.app import build_app
     from visionzip_eval.synth.benchmark import build_docs
     from visionzip_eval.synth.scenes import render
 
@@ -238,7 +238,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from visionzip_eval.visualize import visualize
+    from visionzip_eval.demos.visualize import visualize
 
     try:
         image = Image.open(args.image)
@@ -247,7 +247,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot read image {args.image}: {error}") from error
     model, processor = _load_model(args.model)
     if args.redundancy:
-        from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
+        from visionzip_eval.demos.redundancy import redundancy_figure, tower_redundancy
 
         pixel_values = processor.image_processor([image.convert("RGB")], return_tensors="pt")["pixel_values"]
         stats = tower_redundancy(model, pixel_values)

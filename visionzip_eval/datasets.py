@@ -190,10 +190,6 @@ def videos_dir(root: str | os.PathLike | None = None) -> Path:
     return data_root(root) / "videomme" / "data"
 
 
-def subtitles_dir(root: str | os.PathLike | None = None) -> Path:
-    return data_root(root) / "videomme" / "subtitle"
-
-
 def resolve_video(directory: str | os.PathLike, video_id: str) -> str:
     """The file of ``video_id`` in ``directory`` (.mp4, .MP4 or .mkv, like lmms-eval).
     Raises FileNotFoundError (lmms-eval's own version calls sys.exit, ending the run)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_eval import llm_pruning
+from visionzip_eval.methods import llm_pruning
 from visionzip_eval.backends import backend_for
 from visionzip_eval.media import parse_image_aspect
 from visionzip_eval.apply import remove_reduction, tokens_per_image, visionzip_processor

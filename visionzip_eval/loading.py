@@ -1,12 +1,15 @@
 """``pretrained=`` strings to (model, processor): hub ids, local folders, ``builtin:*``.
 
 Each backend declares what it loads (``VLMBackend.model_types`` / ``claims``, ``load``) and its
-tiny offline models (``VLMBackend.builtin``: name -> builder in ``visionzip_eval.testing``);
-this module only dispatches, so the backends import nothing above themselves. The device and
-dtype names every command and the adapter accept are resolved here, once.
+tiny offline models (``VLMBackend.builtin``: name -> builder in the backend's module); the one
+trained tiny model (``builtin:tiny-llava-synth``) ships with ``visionzip_eval.synth``. This
+module only dispatches, so the backends import nothing above themselves. The device and dtype
+names every command and the adapter accept are resolved here, once.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -47,9 +50,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, prefer_
     return DTYPES[dtype]
 
 
-def builtin_models() -> dict[str, tuple[type[VLMBackend], str]]:
-    """``builtin:*`` name -> (backend, builder name in ``visionzip_eval.testing``)."""
-    return {name: (cls, builder) for cls in BACKENDS for name, builder in cls.builtin.items()}
+def builtin_models() -> dict[str, tuple[type[VLMBackend], Callable]]:
+    """``builtin:*`` name -> (backend, builder: (attn_implementation=...) -> (model, processor))."""
+    from visionzip_eval.backends.llava_hf import LlavaHFBackend
+    from visionzip_eval.synth.weights import BUILTIN_NAME as SYNTH, load_trained
+
+    models = {name: (cls, builder) for cls in BACKENDS for name, builder in cls.builtin.items()}
+    models[SYNTH] = (LlavaHFBackend, load_trained)  # trained on the synthetic benchmark
+    return models
 
 
 def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | None = None):
@@ -65,9 +73,7 @@ def load_pretrained(pretrained: str, dtype, device, attn_implementation: str | N
         builtins = builtin_models()
         if pretrained not in builtins:
             raise ValueError(f"unknown builtin model {pretrained!r}: choose one of {', '.join(sorted(builtins))}")
-        from visionzip_eval import testing
-
-        build = getattr(testing, builtins[pretrained][1])
+        build = builtins[pretrained][1]
         model, processor = build(attn_implementation=attn_implementation or "sdpa")
         return model.to(device=device, dtype=dtype), processor
     backend = backend_for_checkpoint(pretrained)

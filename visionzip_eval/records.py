@@ -1,5 +1,5 @@
 """The run-folder format, owned here: the sweep writes with it, the report reads it through
-:class:`RunFolder`, and test fixtures are generated from it (``report/synthetic.py``).
+:class:`RunFolder`, and test fixtures are generated from it (``tests/synthetic.py``).
 
 ``OUTPUT/runs/<run id>/`` holds ``config.yaml``, ``run.log``, lmms-eval's results and samples
 under ``lmms_eval/``, ``efficiency.jsonl`` (one row per request, ``EFFICIENCY_FIELDS``) and

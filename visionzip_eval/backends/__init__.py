@@ -1,11 +1,16 @@
 """Model families. Each module knows one family: where its vision tower is, which layer the
 LLM reads, how to capture that layer's signals, how the LLM receives the image tokens, which
-checkpoints it loads (``model_types``, ``load``) and its tiny offline models (``builtin``).
+checkpoints it loads (``model_types``, ``model_class``, ``load``) and its tiny offline models
+(``builtin``, built in the same module; ``tiny`` holds what they share).
 
-Add a family by writing a module with a ``VLMBackend`` subclass decorated with
-``@register_backend`` and importing it below. Nothing here imports above the backends
-(``visionzip_eval.loading`` turns ``pretrained=`` strings into models).
+A new family is one module in this package with a ``VLMBackend`` subclass decorated with
+``@register_backend`` (it is imported below automatically) plus one row in
+``tests/family_table.py``, which the family contract tests iterate. Nothing here imports above
+the backends (``visionzip_eval.loading`` turns ``pretrained=`` strings into models).
 """
+
+import importlib
+import pkgutil
 
 from visionzip_eval.backends.base import (
     BACKENDS,
@@ -14,10 +19,11 @@ from visionzip_eval.backends.base import (
     backend_for,
     register_backend,
 )
-from visionzip_eval.backends import llava_hf  # noqa: F401  (registers itself)
-from visionzip_eval.backends import llava_next  # noqa: F401  (registers itself)
-from visionzip_eval.backends import llava_onevision  # noqa: F401  (registers itself)
-from visionzip_eval.backends import llava_original  # noqa: F401  (registers itself; matches only with llava installed)
-from visionzip_eval.backends import qwen2_5_vl  # noqa: F401  (registers itself)
+
+_INFRASTRUCTURE = {"base", "tiny"}
+# by name: the registration order is the order backend_for and the family listings use
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _module.name not in _INFRASTRUCTURE:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["BACKENDS", "TowerSignals", "VLMBackend", "backend_for", "register_backend"]

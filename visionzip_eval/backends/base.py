@@ -88,7 +88,11 @@ class VLMBackend(ABC):
     # -- loading (visionzip_eval.loading dispatches on these) ---------------------------------
     model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values this family loads
     claim_order: ClassVar[int] = 0  # lower claims first (for configs another family would also claim)
-    builtin: ClassVar[dict[str, str]] = {}  # builtin:* name -> builder in visionzip_eval.testing
+    # the transformers class whose ``from_pretrained`` loads this family's checkpoints (``load``)
+    model_class: ClassVar[type | None] = None
+    # builtin:* name -> the family's tiny offline builder: (seed=0, attn_implementation=...) ->
+    # (model, processor), CPU, float32, eval mode
+    builtin: ClassVar[dict[str, Callable]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -100,8 +104,14 @@ class VLMBackend(ABC):
 
     @classmethod
     def load(cls, pretrained: str, dtype, device, attn_implementation: str | None):
-        """(model, processor) of a checkpoint this family claims."""
-        raise NotImplementedError(f"{cls.name} cannot load checkpoints")
+        """(model, processor) of a checkpoint this family claims (hub id or local folder), in
+        ``dtype`` on ``device``, eval mode: ``model_class.from_pretrained`` and its processor."""
+        if cls.model_class is None:
+            raise NotImplementedError(f"{cls.name} cannot load checkpoints")
+        from transformers import AutoProcessor
+
+        model = cls.model_class.from_pretrained(pretrained, dtype=dtype, attn_implementation=attn_implementation)
+        return model.to(device).eval(), AutoProcessor.from_pretrained(pretrained)
 
     @classmethod
     @abstractmethod
@@ -152,7 +162,7 @@ class VLMBackend(ABC):
     def tower_layers(self) -> tuple[list[nn.Module], int]:
         """The tower's encoder layers (each with ``self_attn.q_proj/k_proj``, ``num_heads``,
         ``scale``) and the index of layer L among them, for views over every layer
-        (``visionzip_eval.redundancy``)."""
+        (``visionzip_eval.demos.redundancy``)."""
         raise ValueError(f"{self.name} does not expose its tower's layers")
 
     def next_layer_projections(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -195,7 +205,7 @@ class VLMBackend(ABC):
         whose ``tokens`` are projected: (units, tokens_per_image, llm_hidden)); returns the undo
         function. ``full``: the reducer keeps every token (the model's own layout applies)."""
 
-    # -- inside the LLM (in-LLM methods: visionzip_eval.llm_pruning) ---------------------------
+    # -- inside the LLM (in-LLM methods: visionzip_eval.methods.llm_pruning) ---------------------------
     def decoder(self) -> nn.Module:
         """The decoder stack: ``layers``, each with ``input_layernorm`` and ``self_attn``
         (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``)."""

@@ -12,17 +12,29 @@ Facts this module relies on (transformers 5):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, ClassVar, Mapping
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, chat_messages, register_backend
 from visionzip_eval.profiling import vit_flops
 from visionzip_eval.selection import Selection
+from visionzip_eval.backends.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, instantiate, tiny_tokenizer
 
 
 # LLaVA-1.5's image_aspect values (visionzip_eval.media.IMAGE_ASPECTS, where they are parsed)
@@ -139,19 +151,147 @@ def next_layer_projections(layers, index: int, hidden: torch.Tensor) -> tuple[to
     return layer.self_attn.q_proj(normed), layer.self_attn.k_proj(normed)
 
 
+# -- the tiny offline model (builtin:tiny-llava) ---------------------------------------------------
+
+# The chat template of llava-hf/llava-1.5-*-hf: "USER: <image>\n{text} ASSISTANT:".
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+
+def tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or tiny_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA15_CHAT_TEMPLATE,
+    )
+
+
+
+def tiny_llava_config(
+    vocab_size: int,
+    image_token_id: int,
+    vision_hidden: int = 64,
+    vision_layers: int = 4,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_intermediate: int | None = None,  # None: 3 x text_hidden
+) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        projection_dim=vision_hidden,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=text_intermediate or text_hidden * 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+
+def build_tiny_llava(
+    seed: int = 0, attn_implementation: str = "sdpa", **sizes: int
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-weight LLaVA-1.5 look-alike (CPU, float32, eval mode) and its processor."""
+    processor = tiny_processor()
+    tokenizer = processor.tokenizer
+    config = tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        **sizes,
+    )
+    return instantiate(LlavaForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
+
+
+# llava-hf/llava-1.5-7b-hf's config.json: CLIP ViT-L/14 at 336 px (24 layers, 1024 wide, 16
+
+# heads, 4096 MLP), the 2-layer GELU projector, and Vicuna-7B (Llama: 4096 wide, 32 layers,
+# 32 heads, 11008 MLP) with a 32064-token vocabulary.
+LLAVA15_7B = dict(vision_hidden=1024, vision_layers=24, vision_heads=16, text_hidden=4096, text_layers=32,
+                  text_heads=32, text_kv_heads=32, text_intermediate=11008)
+LLAVA15_7B_VOCAB = 32064
+
+
+def llava15_7b_config(layers: int = 32) -> LlavaConfig:
+    """LLaVA-1.5-7B's exact architecture; ``layers`` < 32 keeps that many decoder layers (each
+    of exactly the 7B's size) for a machine that cannot hold all 32."""
+    if not (isinstance(layers, int) and 1 <= layers <= LLAVA15_7B["text_layers"]):
+        raise ValueError(f"layers must be 1 to {LLAVA15_7B['text_layers']}, got {layers!r}")
+    tokenizer = tiny_processor().tokenizer
+    return tiny_llava_config(vocab_size=LLAVA15_7B_VOCAB, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                             **{**LLAVA15_7B, "text_layers": layers})
+
+
+
+def build_llava15_7b_shape(layers: int = 32, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                           seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """LLaVA-1.5-7B's architecture with random weights (``bench realsize``): the tiny tokenizer
+    (the 32064-row embedding is the 7B's size whatever the tokenizer) and the CLIP processor."""
+    processor = tiny_processor()
+    model = instantiate(LlavaForConditionalGeneration, llava15_7b_config(layers), processor.tokenizer, seed,
+                         "sdpa", dtype, device)
+    return model, processor
+
+
+def save_tiny_llava(directory: str | Path, seed: int = 0, **sizes: int) -> Path:
+    """Write a tiny model, tokenizer and processor that ``from_pretrained(directory)`` loads offline."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a folder: pass a folder (it is created if missing)")
+    model, processor = build_tiny_llava(seed=seed, **sizes)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 @register_backend
 class LlavaHFBackend(VLMBackend):
     name = "llava-hf (LlavaForConditionalGeneration, CLIP tower)"
     cls_token: ClassVar[bool] = True  # the tower's token 0 is a CLS token
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
-    builtin: ClassVar[dict[str, str]] = {
-        "builtin:tiny-llava": "build_tiny_llava",
-        "builtin:tiny-llava-synth": "load_tiny_llava_synth",  # trained on the synthetic benchmark
-    }
-
-    @classmethod
-    def load(cls, pretrained, dtype, device, attn_implementation):
-        return load_pretrained(pretrained, dtype, device, attn_implementation)
+    model_class: ClassVar[type] = LlavaForConditionalGeneration
+    builtin: ClassVar[dict[str, Callable]] = {"builtin:tiny-llava": build_tiny_llava}
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -329,14 +469,3 @@ class LlavaHFBackend(VLMBackend):
             hook.remove()
 
         return undo
-
-
-def load_pretrained(pretrained: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None):
-    """A llava-hf checkpoint (hub id or local folder) and its processor."""
-    from transformers import AutoProcessor
-
-    model = LlavaForConditionalGeneration.from_pretrained(
-        pretrained, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
-    processor = AutoProcessor.from_pretrained(pretrained)
-    return model.eval(), processor

@@ -46,8 +46,12 @@ import torch
 from torch import nn
 from transformers import (
     CLIPVisionModel,
+    LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
     LlavaNextModel,
+    LlavaNextProcessor,
+    PreTrainedTokenizerFast,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
@@ -56,8 +60,9 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from visionzip_eval.backends.base import register_backend
-from visionzip_eval.backends.llava_hf import LlavaHFBackend, _core
+from visionzip_eval.backends.llava_hf import LlavaHFBackend, _core, tiny_llava_config
 from visionzip_eval.selection import Selection
+from visionzip_eval.backends.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, instantiate, tiny_tokenizer
 
 
 def _size(image_size) -> list[int]:
@@ -115,15 +120,74 @@ def _placeholder_error(found: int, expected: int, what: str, unit: str, per_unit
     )
 
 
+# -- the tiny offline model (builtin:tiny-llava-next) ----------------------------------------------
+
+# llava-hf/llava-v1.6-vicuna-7b-hf: AnyRes over these (height, width) resolutions, 336 px crops.
+LLAVA_NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+# The chat template of llava-hf/llava-v1.6-vicuna-7b-hf (generation markers left out):
+# "USER: <image>\n{text} ASSISTANT:".
+LLAVA_NEXT_VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_llava_next_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaNextProcessor:
+    """LLaVA-NeXT's processor with llava-v1.6-vicuna-7b-hf's settings (built in code)."""
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=LLAVA_NEXT_GRID_PINPOINTS,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_pad=True,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or tiny_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_VICUNA_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava_next(
+    seed: int = 0, attn_implementation: str = "sdpa", **sizes: int
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A random-weight LLaVA-NeXT (v1.6-vicuna look-alike: CLIP 336/14 on AnyRes crops, Llama)."""
+    processor = tiny_llava_next_processor()
+    tokenizer = processor.tokenizer
+    base = tiny_llava_config(
+        vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **sizes
+    )
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=LLAVA_NEXT_GRID_PINPOINTS,
+        projector_hidden_act="gelu",
+        image_seq_length=576,
+    )
+    return instantiate(LlavaNextForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
+
+
 @register_backend
 class LlavaNextBackend(LlavaHFBackend):
     name = "llava-next (LlavaNextForConditionalGeneration, AnyRes, CLIP tower)"
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
-    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-llava-next": "build_tiny_llava_next"}
-
-    @classmethod
-    def load(cls, pretrained, dtype, device, attn_implementation):
-        return load_pretrained(pretrained, dtype, device, attn_implementation)
+    model_class: ClassVar[type] = LlavaNextForConditionalGeneration
+    builtin: ClassVar[dict[str, Callable]] = {"builtin:tiny-llava-next": build_tiny_llava_next}
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -301,14 +365,3 @@ class LlavaNextBackend(LlavaHFBackend):
                 hook.remove()
 
         return undo
-
-
-def load_pretrained(pretrained: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None):
-    """A llava-hf LLaVA-NeXT checkpoint (hub id or local folder) and its processor."""
-    from transformers import AutoProcessor
-
-    model = LlavaNextForConditionalGeneration.from_pretrained(
-        pretrained, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
-    processor = AutoProcessor.from_pretrained(pretrained)
-    return model.eval(), processor

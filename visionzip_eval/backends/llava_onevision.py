@@ -41,8 +41,15 @@ from typing import Callable, ClassVar, Mapping
 import torch
 from torch import nn
 from transformers import (
+    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
     LlavaOnevisionModel,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
     SiglipVisionModel,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -59,17 +66,125 @@ from visionzip_eval.backends.llava_next import (
 )
 from visionzip_eval.profiling import vit_flops
 from visionzip_eval.selection import Selection
+from visionzip_eval.backends.tiny import instantiate, tiny_tokenizer
+
+
+# -- the tiny offline model (builtin:tiny-llava-onevision) -----------------------------------------
+
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+# llava-hf/llava-onevision-qwen2-*-ov-hf: 384 px crops, 1x1 up to 6x6 grids.
+LLAVA_ONEVISION_GRID_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+
+# The chat template of llava-hf/llava-onevision-qwen2-*-ov-hf (generation markers left out):
+# "<|im_start|>user <image>\n{text}<|im_end|>\n<|im_start|>assistant\n".
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_llava_onevision_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaOnevisionProcessor:
+    """LLaVA-OneVision's processor with the -ov-hf checkpoints' settings (built in code)."""
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": 384, "width": 384},
+        image_grid_pinpoints=LLAVA_ONEVISION_GRID_PINPOINTS,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+        do_pad=True,
+    )
+    video_processor = LlavaOnevisionVideoProcessor(
+        size={"height": 384, "width": 384}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+    )
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or tiny_tokenizer(("<video>",)),
+        video_processor=video_processor,
+        num_image_tokens=729,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def build_tiny_llava_onevision(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_hidden: int = 64,
+    vision_layers: int = 4,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
+    """A random-weight LLaVA-OneVision (SigLIP 384/14 without CLS, AnyRes, video; Qwen2 LLM)."""
+    processor = tiny_llava_onevision_processor()
+    tokenizer = processor.tokenizer
+    vision = SiglipVisionConfig(
+        image_size=384,
+        patch_size=14,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=LLAVA_ONEVISION_GRID_PINPOINTS,
+        projector_hidden_act="gelu",
+    )
+    return instantiate(LlavaOnevisionForConditionalGeneration, config, tokenizer, seed, attn_implementation), processor
+
+
+
+def llava_onevision_7b_config() -> LlavaOnevisionConfig:
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf's architecture: SigLIP-so400m at 384 px (26 of its
+    27 layers run: 1152 wide, 16 heads, 4304 MLP) and Qwen2-7B (3584 wide, 28 layers, 28 heads,
+    4 KV heads, 18944 MLP, vocab 152064); the report's frames table predicts its GPU time."""
+    text = Qwen2Config(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064)
+    vision = SiglipVisionConfig(hidden_size=1152, num_hidden_layers=26, intermediate_size=4304,
+                                num_attention_heads=16, image_size=384, patch_size=14)
+    return LlavaOnevisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
 
 
 @register_backend
 class LlavaOnevisionBackend(LlavaNextBackend):
     name = "llava-onevision (LlavaOnevisionForConditionalGeneration, SigLIP tower, images and videos)"
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
-    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-llava-onevision": "build_tiny_llava_onevision"}
+    model_class: ClassVar[type] = LlavaOnevisionForConditionalGeneration
+    builtin: ClassVar[dict[str, Callable]] = {"builtin:tiny-llava-onevision": build_tiny_llava_onevision}
 
-    @classmethod
-    def load(cls, pretrained, dtype, device, attn_implementation):
-        return load_pretrained(pretrained, dtype, device, attn_implementation)
     cls_token: ClassVar[bool] = False  # SigLIP: every token is a patch
 
     @classmethod
@@ -256,14 +371,3 @@ class LlavaOnevisionBackend(LlavaNextBackend):
             return BaseModelOutputWithPooling(pooler_output=backend._video_features(encode, full, pixel_values_videos))
 
         return {"get_image_features": get_image_features, "get_video_features": get_video_features}
-
-
-def load_pretrained(pretrained: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None):
-    """A llava-hf LLaVA-OneVision checkpoint (hub id or local folder) and its processor."""
-    from transformers import AutoProcessor
-
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        pretrained, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
-    processor = AutoProcessor.from_pretrained(pretrained)
-    return model.eval(), processor

@@ -25,16 +25,20 @@ Facts this module relies on (llava-torch 1.2.2.post1):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, register_backend
 from visionzip_eval.backends.llava_hf import capture_layer, feature_layer_index, next_layer_projections
 from visionzip_eval.profiling import vit_flops
 from visionzip_eval.selection import Selection
+from visionzip_eval.backends.llava_hf import tiny_llava_config
+from visionzip_eval.backends.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tiny_tokenizer
 
 INSTALL_COMMAND = "pip install --no-deps llava-torch==1.2.2.post1"
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
@@ -122,12 +126,97 @@ def _llava_causal_lm():
     return LlavaLlamaForCausalLM
 
 
+# -- the tiny offline model (builtin:tiny-llava-original) ------------------------------------------
+
+def build_tiny_llava_original(
+    directory: str | Path | None = None,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_hidden: int = 64,
+    vision_layers: int = 4,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+):
+    """A random-weight original LLaVA-1.5 (the ``llava`` package's ``LlavaLlamaForCausalLM``:
+    CLIP 336/14 tower read at layer -2 without CLS, ``mlp2x_gelu`` projector, Llama LLM, padded
+    square images) and its ``LlavaOriginalProcessor``, deterministic by seed; float32, eval.
+
+    Writes ``directory`` (a fresh temporary ``.../llava-tiny`` if None): ``vision_tower/`` (the
+    CLIP tower and its image processor, which ``mm_vision_tower`` names), the model and the
+    tokenizer, so ``llava.model.builder.load_pretrained_model(directory, None, "llava-tiny")``
+    loads it with no network (the builder needs "llava" in the model name). Needs the llava
+    package (``pip install --no-deps llava-torch==1.2.2.post1``).
+    """
+    import tempfile
+
+    try:
+        from llava.model import LlavaConfig as OriginalLlavaConfig, LlavaLlamaForCausalLM
+    except ImportError as error:
+        raise llava_missing_error() from error
+    directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="visionzip-")) / "llava-tiny"
+    tower_dir = directory / "vision_tower"
+    tokenizer = tiny_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    vision = tiny_llava_config(
+        len(tokenizer), 0, vision_hidden=vision_hidden, vision_layers=vision_layers, vision_heads=vision_heads
+    ).vision_config
+    config = OriginalLlavaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        # llava-v1.5-7b's multimodal settings
+        mm_vision_tower=str(tower_dir),
+        mm_hidden_size=vision_hidden,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        mm_patch_merge_type="flat",
+        image_aspect_ratio="pad",
+        tokenizer_padding_side="right",
+        tokenizer_model_max_length=2048,
+        use_mm_proj=True,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tower = CLIPVisionModel(vision)
+        tower.save_pretrained(tower_dir)  # first: the model reads the tower's config from there
+        image_processor.save_pretrained(tower_dir)
+        model = LlavaLlamaForCausalLM(config)  # the tower is built lazily (delay_load), not saved
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    wrapper = model.get_model().get_vision_tower()
+    wrapper.load_model()
+    wrapper.vision_tower.set_attn_implementation(attn_implementation)
+    model = model.eval()
+    return model, LlavaOriginalProcessor(tokenizer, wrapper.image_processor, model.config)
+
+
 @register_backend
 class LlavaOriginalBackend(VLMBackend):
     name = "original LLaVA (llava package, LlavaLlamaForCausalLM, CLIP tower)"
     model_types: ClassVar[tuple[str, ...]] = ("llava_llama", "llava_mistral", "llava_mpt")
     claim_order: ClassVar[int] = -1  # before llava-hf: some original checkpoints say model_type "llava"
-    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-llava-original": "build_tiny_llava_original"}
+    builtin: ClassVar[dict[str, Callable]] = {"builtin:tiny-llava-original": build_tiny_llava_original}
 
     @classmethod
     def claims(cls, config: dict) -> bool:
@@ -135,7 +224,29 @@ class LlavaOriginalBackend(VLMBackend):
 
     @classmethod
     def load(cls, pretrained, dtype, device, attn_implementation):
-        return load_pretrained(pretrained, dtype, device, attn_implementation)
+        """An original-LLaVA checkpoint through ``llava.model.builder.load_pretrained_model``."""
+        try:
+            from llava.mm_utils import get_model_name_from_path
+            from llava.model.builder import load_pretrained_model
+        except ImportError as error:
+            raise llava_missing_error() from error
+        device = torch.device(device)
+        name = get_model_name_from_path(str(pretrained))
+        if "llava" not in name.lower():  # the builder picks its LLaVA path by the name
+            name = f"llava-{name}"
+        kwargs = {}
+        if attn_implementation == "flash_attention_2":
+            kwargs["use_flash_attn"] = True
+        elif attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        # The builder forces torch_dtype=float16; transformers 5's `dtype` takes precedence, so the
+        # LLM loads in `dtype` directly. device_map stays "auto": any other value makes the builder
+        # cast the vision tower to float16 (lossy before a cast to float32 / bfloat16).
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            str(pretrained), None, name, device=str(device), dtype=dtype, **kwargs
+        )
+        model = accept_cache_kwarg(model.to(device=device, dtype=dtype).eval())
+        return model, LlavaOriginalProcessor(tokenizer, image_processor, model.config)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -337,29 +448,3 @@ class LlavaOriginalBackend(VLMBackend):
             model.__dict__.pop("encode_images", None)
 
         return undo
-
-
-def load_pretrained(pretrained: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None):
-    """An original-LLaVA checkpoint through ``llava.model.builder.load_pretrained_model``."""
-    try:
-        from llava.mm_utils import get_model_name_from_path
-        from llava.model.builder import load_pretrained_model
-    except ImportError as error:
-        raise llava_missing_error() from error
-    device = torch.device(device)
-    name = get_model_name_from_path(str(pretrained))
-    if "llava" not in name.lower():  # the builder picks its LLaVA path by the name
-        name = f"llava-{name}"
-    kwargs = {}
-    if attn_implementation == "flash_attention_2":
-        kwargs["use_flash_attn"] = True
-    elif attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    # The builder forces torch_dtype=float16; transformers 5's `dtype` takes precedence, so the
-    # LLM loads in `dtype` directly. device_map stays "auto": any other value makes the builder
-    # cast the vision tower to float16 (lossy before a cast to float32 / bfloat16).
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        str(pretrained), None, name, device=str(device), dtype=dtype, **kwargs
-    )
-    model = accept_cache_kwarg(model.to(device=device, dtype=dtype).eval())
-    return model, LlavaOriginalProcessor(tokenizer, image_processor, model.config)

@@ -60,6 +60,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, chat_messages, register_backend
 from visionzip_eval.selection import Selection, grid_for, received_attention
+from visionzip_eval.backends.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, instantiate, tiny_tokenizer
 
 NOMINAL_GRID = (1, 32, 32)  # 448 x 448 px, for vision_flops
 
@@ -92,15 +93,125 @@ def _core(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, Qwen2_5_VLModel) else model
 
 
+# -- the tiny offline model (builtin:tiny-qwen2.5-vl) ----------------------------------------------
+
+QWEN_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|endoftext|>",
+)
+# The chat template of Qwen/Qwen2.5-VL-*-Instruct, reduced to what the harness sends (text, images,
+# videos; default system prompt).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_qwen2_5_vl_processor(max_pixels: int = 224 * 224):
+    """Qwen2.5-VL's processor (dynamic resolution, 14 px patches, 2x2 merge) built in code; the
+    pixel range is shrunk (default at most 224 x 224 = 64 merged tokens) so CPU tests stay fast."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = tiny_tokenizer(QWEN_SPECIAL_TOKENS)
+    size = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+    common = dict(
+        size=size, patch_size=14, temporal_patch_size=2, merge_size=2,
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**common),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen2_5_vl(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vision_hidden: int = 64,
+    vision_depth: int = 4,
+    vision_heads: int = 4,
+    fullatt_block_indexes: tuple[int, ...] = (1, 3),
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    max_pixels: int = 224 * 224,
+):
+    """A random-weight Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct look-alike: 14 px patches, 2x2
+    PatchMerger, 112 px attention windows with full attention in ``fullatt_block_indexes``, M-RoPE
+    LLM) and its processor, deterministic by seed."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = tiny_qwen2_5_vl_processor(max_pixels)
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = text_hidden // text_heads
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_heads=vision_heads,
+            out_hidden_size=text_hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=list(fullatt_block_indexes),
+            hidden_act="silu",
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=text_hidden * 3,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads,
+            max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = instantiate(Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed, attn_implementation)
+    with torch.no_grad():  # sharper than the 0.02 init: attention scores that are not uniform
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight.mul_(8.0)
+    return model, processor
+
+
 @register_backend
 class Qwen2_5_VLBackend(VLMBackend):
     name = "qwen2.5-vl (Qwen2_5_VLForConditionalGeneration, window-attention ViT + 2x2 merger, images)"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
-    builtin: ClassVar[dict[str, str]] = {"builtin:tiny-qwen2.5-vl": "build_tiny_qwen2_5_vl"}
+    model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration
+    builtin: ClassVar[dict[str, Callable]] = {"builtin:tiny-qwen2.5-vl": build_tiny_qwen2_5_vl}
 
-    @classmethod
-    def load(cls, pretrained, dtype, device, attn_implementation):
-        return load_pretrained(pretrained, dtype, device, attn_implementation)
     cls_token: ClassVar[bool] = False
     in_llm_pruning: ClassVar[bool] = False  # 3-D multimodal rotary positions (mrope)
 
@@ -330,127 +441,35 @@ class Qwen2_5_VLBackend(VLMBackend):
     def install(
         self, encode: Callable[[torch.Tensor], Selection], tokens_per_image: int, full: bool = False
     ) -> Callable[[], None]:
-        backend, core, config = self, self.core, self.config
-        original_rope_index = core.get_rope_index
-        state: dict = {"pending": None, "last": []}  # last: [(features, positions)] per image
+        return _ReducedImages(self, encode, tokens_per_image, full).attach()
 
-        def encode_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> BaseModelOutputWithPooling:
-            try:
-                return encode_each(pixel_values, image_grid_thw)
-            finally:
-                backend._current_grid = None  # capture() outside this loop must be given a grid
 
-        def encode_each(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> BaseModelOutputWithPooling:
-            features, last = [], []
-            start = 0
-            for grid in image_grid_thw:
-                count = int(grid.prod())
-                pixels = pixel_values[start : start + count]
-                start += count
-                backend._current_grid = grid
-                t, h, w = (int(v) for v in grid)
-                if t != 1:
-                    raise ValueError(f"image grid {tuple(grid.tolist())}: VisionZip on Qwen2.5-VL takes images (t = 1)")
-                backend._grid = (h // backend.merge, w // backend.merge)
-                merged = h * w // backend.merge**2
-                if full or merged <= tokens_per_image:
-                    # unreduced: the image has no more merged tokens than the budget
-                    signals = backend.capture(pixels, attention=False)
-                    rows = backend.project(signals.hidden)[0]
-                    positions = torch.arange(merged, device=rows.device)
-                else:
-                    selection = encode(pixels)
-                    rows = selection.tokens[0]
-                    positions = backend.row_positions(selection, rows.shape[0])
-                features.append(rows)
-                last.append((rows, positions))
-            state["last"] = last
-            state["grids"] = image_grid_thw
-            return BaseModelOutputWithPooling(pooler_output=tuple(features))
+class _ReducedImages:
+    """VisionZip installed on one Qwen2.5-VL: the inner model's ``get_image_features`` encodes
+    each image through the reducer, ``get_rope_index`` gives the kept tokens their M-RoPE
+    positions, videos are refused, and a pre-hook checks the prompt's placeholder counts.
+    ``generate`` asks for positions before it encodes, so the positions' encoding is kept
+    (``pending``) and handed to the next ``get_image_features`` of the same pixels."""
 
-        # Same signature as Qwen2_5_VLModel.get_image_features: generate() inspects it.
-        def get_image_features(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs):
-            pending = state["pending"]
-            state["pending"] = None
-            if pending is not None and pending[0] is pixel_values:
-                return pending[1]
-            return encode_images(pixel_values, image_grid_thw)
+    def __init__(self, backend: "Qwen2_5_VLBackend", encode: Callable[[torch.Tensor], Selection],
+                 tokens_per_image: int, full: bool):
+        self.backend, self.encode, self.tokens_per_image, self.full = backend, encode, tokens_per_image, full
+        self.model, self.core, self.config = backend.model, backend.core, backend.config
+        self.original_rope_index = self.core.get_rope_index
+        self.original_prepare = getattr(self.model, "_prepare_position_ids_for_generation", None)
+        self.pending = None  # (pixel_values, their encoding) from get_rope_index, for get_image_features
+        self.last: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features, positions) per image
+        self.grids = None  # the image_grid_thw of the last encode
 
-        def get_video_features(pixel_values_videos: torch.Tensor, video_grid_thw=None, **kwargs):
-            raise ValueError(_VIDEO_REFUSED)
-
-        def positions_for(kwargs, image_grid_thw) -> list[torch.Tensor]:
-            pixel_values = kwargs.get("pixel_values")
-            if pixel_values is not None:  # generate: positions before encoding; encode now, reuse later
-                state["pending"] = (pixel_values, encode_images(pixel_values, image_grid_thw))
-                return [p for _, p in state["last"]]
-            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-            last = state["last"]
-            if encoded is not None:
-                by_id = {id(rows): positions for rows, positions in last}
-                found = [by_id.get(id(rows)) for rows in encoded.pooler_output]
-                if all(p is not None for p in found):
-                    return found
-                if [len(r) for r in encoded.pooler_output] == [len(r) for r, _ in last]:
-                    return [p for _, p in last]
-                raise ValueError(
-                    "reused image tokens whose M-RoPE positions are unknown: encode them with this "
-                    "model (engine.encode / get_image_features) right before generating"
-                )
-            return [p for _, p in last]
-
-        def get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
-                           second_per_grid_ts=None, attention_mask=None, **kwargs):
-            if video_grid_thw is not None:
-                raise ValueError(_VIDEO_REFUSED)
-            if image_grid_thw is None:
-                return original_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
-                                           second_per_grid_ts, attention_mask, **kwargs)
-            kept = iter(positions_for(kwargs, image_grid_thw))
-            grids = iter(image_grid_thw)
-            return reduced_rope_index(core, input_ids, mm_token_type_ids, grids, kept, attention_mask)
-
-        def check_placeholders(module, args, kwargs):
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            grid = kwargs.get("image_grid_thw")
-            if input_ids is None or grid is None or kwargs.get("pixel_values") is None:
-                return
-            expected = sum(backend.tokens_for_grid(g, None if full else tokens_per_image) for g in grid)
-            found = int((input_ids == config.image_token_id).sum())
-            if found != expected:
-                raise ValueError(
-                    f"the prompt holds {found} image placeholder tokens, but the model now passes {expected} "
-                    f"for these {len(grid)} image(s) (min({tokens_per_image}, t*h*w/4) each): build the inputs "
-                    "with visionzip_processor(processor, model)"
-                )
-
-        model = self.model
-        original_prepare = getattr(model, "_prepare_position_ids_for_generation", None)
-
-        def prepare_position_ids(inputs_tensor, model_kwargs):
-            # Image tokens reused from an earlier encode (mm_encoder_outputs, prompt built by the
-            # tokenizer alone): give generate what M-RoPE needs, the token types and the grids.
-            encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
-            input_ids = model_kwargs.get("input_ids", inputs_tensor)
-            grids = state.get("grids")
-            if (
-                encoded is not None
-                and model_kwargs.get("image_grid_thw") is None
-                and grids is not None
-                and len(grids) == len(encoded.pooler_output)
-            ):
-                model_kwargs["image_grid_thw"] = grids
-                if model_kwargs.get("mm_token_type_ids") is None:
-                    model_kwargs["mm_token_type_ids"] = (input_ids == config.image_token_id).long()
-            return original_prepare(inputs_tensor, model_kwargs)
-
-        if original_prepare is not None and model is not core:
-            model._prepare_position_ids_for_generation = prepare_position_ids
-        core.get_image_features = get_image_features  # instance attributes: this model only
-        if not full:
-            core.get_video_features = get_video_features
-            core.get_rope_index = get_rope_index
-        hook = core.register_forward_pre_hook(check_placeholders, with_kwargs=True)
+    def attach(self) -> Callable[[], None]:
+        core, model = self.core, self.model
+        if self.original_prepare is not None and model is not core:
+            model._prepare_position_ids_for_generation = self.prepare_position_ids
+        core.get_image_features = self.get_image_features  # instance attributes: this model only
+        if not self.full:
+            core.get_video_features = self.get_video_features
+            core.get_rope_index = self.get_rope_index
+        hook = core.register_forward_pre_hook(self.check_placeholders, with_kwargs=True)
 
         def undo() -> None:
             for name in ("get_image_features", "get_video_features", "get_rope_index"):
@@ -460,6 +479,114 @@ class Qwen2_5_VLBackend(VLMBackend):
             core.rope_deltas = None
 
         return undo
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> BaseModelOutputWithPooling:
+        try:
+            return self._encode_each(pixel_values, image_grid_thw)
+        finally:
+            self.backend._current_grid = None  # capture() outside this loop must be given a grid
+
+    def _encode_each(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> BaseModelOutputWithPooling:
+        backend = self.backend
+        features, last = [], []
+        start = 0
+        for grid in image_grid_thw:
+            count = int(grid.prod())
+            pixels = pixel_values[start : start + count]
+            start += count
+            backend._current_grid = grid
+            t, h, w = (int(v) for v in grid)
+            if t != 1:
+                raise ValueError(f"image grid {tuple(grid.tolist())}: VisionZip on Qwen2.5-VL takes images (t = 1)")
+            backend._grid = (h // backend.merge, w // backend.merge)
+            merged = h * w // backend.merge**2
+            if self.full or merged <= self.tokens_per_image:
+                # unreduced: the image has no more merged tokens than the budget
+                signals = backend.capture(pixels, attention=False)
+                rows = backend.project(signals.hidden)[0]
+                positions = torch.arange(merged, device=rows.device)
+            else:
+                selection = self.encode(pixels)
+                rows = selection.tokens[0]
+                positions = backend.row_positions(selection, rows.shape[0])
+            features.append(rows)
+            last.append((rows, positions))
+        self.last = last
+        self.grids = image_grid_thw
+        return BaseModelOutputWithPooling(pooler_output=tuple(features))
+
+    # Same signature as Qwen2_5_VLModel.get_image_features: generate() inspects it.
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs):
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] is pixel_values:
+            return pending[1]
+        return self.encode_images(pixel_values, image_grid_thw)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw=None, **kwargs):
+        raise ValueError(_VIDEO_REFUSED)
+
+    def positions_for(self, kwargs, image_grid_thw) -> list[torch.Tensor]:
+        """The M-RoPE cells of each image's kept tokens."""
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is not None:  # generate: positions before encoding; encode now, reuse later
+            self.pending = (pixel_values, self.encode_images(pixel_values, image_grid_thw))
+            return [p for _, p in self.last]
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        last = self.last
+        if encoded is not None:
+            by_id = {id(rows): positions for rows, positions in last}
+            found = [by_id.get(id(rows)) for rows in encoded.pooler_output]
+            if all(p is not None for p in found):
+                return found
+            if [len(r) for r in encoded.pooler_output] == [len(r) for r, _ in last]:
+                return [p for _, p in last]
+            raise ValueError(
+                "reused image tokens whose M-RoPE positions are unknown: encode them with this "
+                "model (engine.encode / get_image_features) right before generating"
+            )
+        return [p for _, p in last]
+
+    def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, attention_mask=None, **kwargs):
+        if video_grid_thw is not None:
+            raise ValueError(_VIDEO_REFUSED)
+        if image_grid_thw is None:
+            return self.original_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                            second_per_grid_ts, attention_mask, **kwargs)
+        kept = iter(self.positions_for(kwargs, image_grid_thw))
+        return reduced_rope_index(self.core, input_ids, mm_token_type_ids, iter(image_grid_thw), kept, attention_mask)
+
+    def check_placeholders(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        grid = kwargs.get("image_grid_thw")
+        if input_ids is None or grid is None or kwargs.get("pixel_values") is None:
+            return
+        budget = None if self.full else self.tokens_per_image
+        expected = sum(self.backend.tokens_for_grid(g, budget) for g in grid)
+        found = int((input_ids == self.config.image_token_id).sum())
+        if found != expected:
+            raise ValueError(
+                f"the prompt holds {found} image placeholder tokens, but the model now passes {expected} "
+                f"for these {len(grid)} image(s) (min({self.tokens_per_image}, t*h*w/4) each): build the inputs "
+                "with visionzip_processor(processor, model)"
+            )
+
+    def prepare_position_ids(self, inputs_tensor, model_kwargs):
+        # Image tokens reused from an earlier encode (mm_encoder_outputs, prompt built by the
+        # tokenizer alone): give generate what M-RoPE needs, the token types and the grids.
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        grids = self.grids
+        if (
+            encoded is not None
+            and model_kwargs.get("image_grid_thw") is None
+            and grids is not None
+            and len(grids) == len(encoded.pooler_output)
+        ):
+            model_kwargs["image_grid_thw"] = grids
+            if model_kwargs.get("mm_token_type_ids") is None:
+                model_kwargs["mm_token_type_ids"] = (input_ids == self.config.image_token_id).long()
+        return self.original_prepare(inputs_tensor, model_kwargs)
 
 
 _VIDEO_REFUSED = (
@@ -506,14 +633,3 @@ def reduced_rope_index(core, input_ids, mm_token_type_ids, grids, kept, attentio
             position_ids[:, row] = positions.to(position_ids.dtype)
         deltas.append(int(positions.max()) + 1 - len(ids))
     return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
-
-
-def load_pretrained(pretrained: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None):
-    """A Qwen2.5-VL checkpoint (hub id or local folder) and its processor."""
-    from transformers import AutoProcessor
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        pretrained, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
-    processor = AutoProcessor.from_pretrained(pretrained)
-    return model.eval(), processor

@@ -20,7 +20,7 @@ from visionzip_eval.methods.registry import (
     register_method,
 )
 
-_INFRASTRUCTURE = {"base", "registry", "in_llm"}
+_INFRASTRUCTURE = {"base", "registry", "in_llm", "llm_pruning"}
 for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _module.name not in _INFRASTRUCTURE:
         importlib.import_module(f"{__name__}.{_module.name}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visionzip_eval.llm_pruning import LayerView, Prune
+from visionzip_eval.methods.llm_pruning import LayerView, Prune
 from visionzip_eval.methods.in_llm import InLLMReducer
 from visionzip_eval.methods.registry import register_method
 

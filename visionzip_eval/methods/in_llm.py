@@ -1,6 +1,6 @@
 """The base of in-LLM methods (FastV, PyramidDrop, SparseVLM): the vision side passes every
 token on, and the method prunes visual tokens between decoder layers, by real removal
-(``visionzip_eval.llm_pruning``).
+(``visionzip_eval.methods.llm_pruning``).
 
 A method plans how many visual tokens survive from which layer on (``plan``) and chooses them
 (``select``: a ``LayerView`` in, a ``Prune`` out). ``tokens`` is the budget in visual tokens per
@@ -24,9 +24,9 @@ from typing import Callable, ClassVar, Literal
 
 import torch
 
-from visionzip_eval import llm_pruning
+from visionzip_eval.methods import llm_pruning
 from visionzip_eval.backends.base import VLMBackend
-from visionzip_eval.llm_pruning import LayerView, Prune
+from visionzip_eval.methods.llm_pruning import LayerView, Prune
 from visionzip_eval.methods.base import TokenReducer, check_tokens, top_positions
 from visionzip_eval.selection import Selection
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visionzip_eval.llm_pruning import LayerView, Prune
+from visionzip_eval.methods.llm_pruning import LayerView, Prune
 from visionzip_eval.methods.in_llm import REFERENCE_LAYERS, InLLMReducer, scaled_layers, solve_increasing
 from visionzip_eval.methods.registry import register_method
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from visionzip_eval.llm_pruning import LayerView, Prune
+from visionzip_eval.methods.llm_pruning import LayerView, Prune
 from visionzip_eval.methods.base import top_positions
 from visionzip_eval.methods.in_llm import REFERENCE_LAYERS, InLLMReducer, scaled_layers, solve_increasing
 from visionzip_eval.methods.registry import register_method

@@ -50,7 +50,8 @@ def reference_model(name: str):
     from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
     from visionzip_eval.backends import backend_for
-    from visionzip_eval.testing import llava15_7b_config, llava_onevision_7b_config
+    from visionzip_eval.backends.llava_hf import llava15_7b_config
+    from visionzip_eval.backends.llava_onevision import llava_onevision_7b_config
 
     model_class, config = {
         "LLaVA-1.5-7B": (LlavaForConditionalGeneration, llava15_7b_config),

@@ -25,7 +25,7 @@ from visionzip_eval.benchmarks.paper import PAPER_MARK, paper_rows
 from visionzip_eval.report.tables import TableOptions, _is_video, chance_exclusions, score_cells
 
 _METHOD_COLORS = {"none": "#1f1f1f", "visionzip": "#2ca02c", "random": "#d62728", "pool": "#ff7f0e",
-                  "fastv": "#9467bd", "sparsevlm": "#8c564b", "tome": "#e377c2"}
+                  "fastv": "#9467bd", "sparsevlm": "#8c564b"}
 _COLORS = ["#1f77b4", "#17becf", "#bcbd22", "#7f7f7f", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5",
            "#c49c94", "#dbdb8d"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]

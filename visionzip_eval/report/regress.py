@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-import pandas as pd
-
 from visionzip_eval.records import FULL_METHOD, read_run_json
 from visionzip_eval.benchmarks import metric_scale
 from visionzip_eval.report.collect import STATUS_OK, Results, load_results
@@ -479,7 +477,3 @@ def regress(results_dir: str | Path, baseline_path: str | Path, junit_path: str 
     junit.parent.mkdir(parents=True, exist_ok=True)
     junit_xml(checks, str(baseline_path), str(results_dir)).write(junit, encoding="utf-8", xml_declaration=True)
     return RegressOutcome(checks=checks, junit=junit, table=format_checks(checks, only_failures))
-
-
-def checks_frame(checks: list[Check]) -> pd.DataFrame:
-    return pd.DataFrame([c.__dict__ for c in checks])

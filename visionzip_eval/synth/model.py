@@ -6,7 +6,7 @@ a Llama LLM), only narrower and shallower (:data:`SIZES`). The tokenizer is word
 the benchmark's vocabulary: every prompt the ``visionzip_synth_*`` tasks produce, every answer,
 and the chat template's words, so a question is ~15-40 tokens after the 576 image tokens.
 
-The processor is LLaVA-1.5's (``testing.tiny_processor``: CLIP 336 px, the llava-hf chat
+The processor is LLaVA-1.5's (``backends.llava_hf.tiny_processor``: CLIP 336 px, the llava-hf chat
 template) around this tokenizer.
 
 Prompts are built by lmms-eval's own ``doc_to_text`` functions and the model's chat template,
@@ -25,7 +25,8 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrain
 
 from visionzip_eval.synth.questions import NUMBER_WORDS, RELATION_PHRASE
 from visionzip_eval.synth.scenes import COLOR_NAMES, SHAPES
-from visionzip_eval.testing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tiny_llava_config
+from visionzip_eval.backends.llava_hf import tiny_llava_config
+from visionzip_eval.backends.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 IMAGE_TOKEN = "<image>"

@@ -85,7 +85,7 @@ from visionzip_eval.synth import benchmark as B
 from visionzip_eval.synth import model as M
 from visionzip_eval.synth import questions as Q
 from visionzip_eval.synth.scenes import NUM_COMBOS, patch_labels, presence, random_scene, render
-from visionzip_eval.testing import tiny_processor
+from visionzip_eval.backends.llava_hf import tiny_processor
 
 TRAIN_SEED_OFFSET = 1_000_003  # training scenes: seeds never used by the benchmark (EVAL_SEED)
 

@@ -91,68 +91,21 @@ def bench_train(
     """Rows (part x budget: step time median/min/max, measured and FLOPs-predicted speed-up,
     saved-for-backward bytes, CUDA peak) and the run's facts (device, model sizes, formula).
     ``realsize``: LLaVA-1.5-7B's exact architecture (random weights; a GPU only) instead of the proxy."""
-    from visionzip_eval.apply import tokens_per_image
+    from visionzip_eval.apply import remove_reduction
     from visionzip_eval.backends import backend_for
-    from visionzip_eval.bench import CLIP_L, PROXY_LLM
-    from visionzip_eval.budget import Budget
     from visionzip_eval.loading import resolve_device
-    from visionzip_eval.methods import MethodSpec
-    from visionzip_eval.profiling import DecoderShape, PeakMemory, StageClock
-    from visionzip_eval.testing import build_llava15_7b_shape, build_tiny_llava, sample_images
-    from visionzip_eval.tuning.data import encode_conversation
-    from visionzip_eval.tuning.tune import TRAIN_PARTS, freeze
+    from visionzip_eval.profiling import DecoderShape
+    from visionzip_eval.tuning.tune import freeze
 
-    unknown = [p for p in parts if p not in TRAIN_PARTS]
-    if unknown:
-        raise ValueError(f"unknown trained part {unknown[0]!r}: choose from {', '.join(TRAIN_PARTS)}")
-    if not (isinstance(repeats, int) and repeats >= 1) or not (isinstance(batch, int) and batch >= 1):
-        raise ValueError(f"--repeats and --batch must be integers >= 1, got {repeats!r} and {batch!r}")
-    parsed = [Budget.parse(b) for b in budgets]
-    if not parsed or not parsed[0].is_full:
-        raise ValueError("list the budgets with full first: speed-ups are against it")
+    parsed = _check_train_options(budgets, parts, repeats, batch)
     device = resolve_device(device)
     cuda = device.type == "cuda"
     if realsize and not cuda:
         raise ValueError("--realsize trains LLaVA-1.5-7B's architecture: it needs a GPU (use the proxy on a CPU)")
-    if realsize:
-        model, processor = build_llava15_7b_shape(device=device)
-    else:
-        sizes = dict(vision_hidden=64, vision_layers=4, vision_heads=4, text_layers=4) if tiny else {**CLIP_L, **PROXY_LLM}
-        model, processor = build_tiny_llava(seed=0, **sizes)
-    model.to(device).train()
+    model, processor = _train_model(realsize, tiny, device)
     backend = backend_for(model)
     shape = DecoderShape.from_config(backend.config.text_config)
-    pixels = processor.image_processor([sample_images()["astronaut"]] * batch, return_tensors="pt")["pixel_values"]
-    reducers, inputs = {}, {}
-    for budget in parsed:
-        reducer = MethodSpec.parse("visionzip").build(budget)
-        reducer.apply(model)
-        ids, labels = encode_conversation(processor, ((QUESTION, ANSWER),), tokens_per_image(model),
-                                          backend.image_token_id)
-        reducers[budget.label] = reducer
-        inputs[budget.label] = dict(
-            input_ids=torch.tensor([ids] * batch, device=device), labels=torch.tensor([labels] * batch, device=device),
-            attention_mask=torch.ones(batch, len(ids), dtype=torch.long, device=device), pixel_values=pixels.to(device))
-
-    memory = PeakMemory(device)
-
-    def step(label: str, measure_saved: bool) -> tuple[float, int | None, int | None]:
-        model.zero_grad(set_to_none=True)
-        memory.reset()
-        saved = SavedBytes(model)
-        clock = StageClock(device)
-        clock.mark("start")
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            if measure_saved:
-                with saved:
-                    loss = model(**inputs[label]).loss
-            else:
-                loss = model(**inputs[label]).loss
-        loss.backward()
-        clock.mark("end")
-        clock.finish()
-        peak = memory.read() if cuda else None  # a CPU's peak RSS only grows: not per step
-        return clock.ms("start", "end") / 1e3, saved.total if measure_saved else None, peak
+    reducers, inputs = _train_inputs(model, processor, backend, parsed, batch, device)
 
     configs = [(part, budget.label) for part in parts for budget in parsed]
     times: dict = {c: [] for c in configs}
@@ -164,7 +117,7 @@ def bench_train(
                 progress(f"round {index + 1}/{repeats + 1}: train {part} at {label}")
                 freeze(model, backend, part)
                 reducers[label].apply(model)
-                seconds, saved, peak = step(label, measure_saved=index == 0)
+                seconds, saved, peak = _train_step(model, inputs[label], device, measure_saved=index == 0)
                 if index == 0:
                     saved_bytes[(part, label)] = saved
                 else:
@@ -172,15 +125,12 @@ def bench_train(
                     if peak is not None:
                         peaks[(part, label)].append(peak)
     finally:
-        from visionzip_eval.apply import remove_reduction
-
         remove_reduction(model)
 
     rows = []
     for part, label in configs:
         values = sorted(times[(part, label)])
-        reducer = reducers[label]
-        per_image = reducer.tokens_per_image(backend)
+        per_image = reducers[label].tokens_per_image(backend)
         sequence = inputs[label]["input_ids"].shape[1]
         rows.append(dict(
             train=part, budget=label, visual_tokens=per_image, sequence=sequence,
@@ -189,14 +139,7 @@ def bench_train(
             saved_mib=saved_bytes[(part, label)] / 2**20,
             cuda_peak_mib=max(peaks[(part, label)]) / 2**20 if peaks[(part, label)] else None,
         ))
-    for row in rows:
-        full = next(r for r in rows if r["train"] == row["train"] and r["budget"] == parsed[0].label)
-        row["speedup"] = full["step_ms"] / row["step_ms"]
-        # the spread of the ratio: slowest full over fastest reduced, fastest full over slowest reduced
-        row["speedup_min"] = full["step_ms_min"] / row["step_ms_max"]
-        row["speedup_max"] = full["step_ms_max"] / row["step_ms_min"]
-        row["flops_predicted_speedup"] = full["train_gflops"] / row["train_gflops"]
-        row["memory_ratio"] = full["saved_mib"] / row["saved_mib"] if row["saved_mib"] else None
+    _add_ratios(rows, parsed[0].label)
     info = dict(
         device=torch.cuda.get_device_name(device) if cuda else "cpu",
         threads=torch.get_num_threads(), batch=batch, repeats=repeats,
@@ -207,6 +150,97 @@ def bench_train(
         + ("; CUDA peak: torch.cuda.max_memory_allocated over the step, weights and gradients included" if cuda else ""),
     )
     return rows, info
+
+
+def _check_train_options(budgets, parts, repeats, batch) -> list:
+    """The budgets parsed (full first), after checking every option."""
+    from visionzip_eval.budget import Budget
+    from visionzip_eval.tuning.tune import TRAIN_PARTS
+
+    unknown = [p for p in parts if p not in TRAIN_PARTS]
+    if unknown:
+        raise ValueError(f"unknown trained part {unknown[0]!r}: choose from {', '.join(TRAIN_PARTS)}")
+    if not (isinstance(repeats, int) and repeats >= 1) or not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"--repeats and --batch must be integers >= 1, got {repeats!r} and {batch!r}")
+    parsed = [Budget.parse(b) for b in budgets]
+    if not parsed or not parsed[0].is_full:
+        raise ValueError("list the budgets with full first: speed-ups are against it")
+    return parsed
+
+
+def _train_model(realsize: bool, tiny: bool, device: torch.device):
+    """The model trained, in train mode on ``device``: LLaVA-1.5-7B's shape, the tiny model, or
+    the proxy (CLIP-L tower + a small Llama)."""
+    from visionzip_eval.backends import llava_hf
+    from visionzip_eval.bench import CLIP_L, PROXY_LLM
+
+    if realsize:
+        model, processor = llava_hf.build_llava15_7b_shape(device=device)
+    else:
+        sizes = dict(vision_hidden=64, vision_layers=4, vision_heads=4, text_layers=4) if tiny else {**CLIP_L, **PROXY_LLM}
+        model, processor = llava_hf.build_tiny_llava(seed=0, **sizes)
+    model.to(device).train()
+    return model, processor
+
+
+def _train_inputs(model, processor, backend, budgets, batch: int, device: torch.device) -> tuple[dict, dict]:
+    """Per budget label: the VisionZip reducer and a batch of one question + answer whose prompt
+    holds that budget's visual tokens (labels on the answer only)."""
+    from visionzip_eval.apply import tokens_per_image
+    from visionzip_eval.methods import MethodSpec
+    from visionzip_eval.testing import sample_images
+    from visionzip_eval.tuning.data import encode_conversation
+
+    pixels = processor.image_processor([sample_images()["astronaut"]] * batch, return_tensors="pt")["pixel_values"]
+    reducers, inputs = {}, {}
+    for budget in budgets:
+        reducer = MethodSpec.parse("visionzip").build(budget)
+        reducer.apply(model)
+        ids, labels = encode_conversation(processor, ((QUESTION, ANSWER),), tokens_per_image(model),
+                                          backend.image_token_id)
+        reducers[budget.label] = reducer
+        inputs[budget.label] = dict(
+            input_ids=torch.tensor([ids] * batch, device=device), labels=torch.tensor([labels] * batch, device=device),
+            attention_mask=torch.ones(batch, len(ids), dtype=torch.long, device=device), pixel_values=pixels.to(device))
+    return reducers, inputs
+
+
+def _train_step(model, inputs: dict, device: torch.device, measure_saved: bool) -> tuple[float, int | None, int | None]:
+    """One forward + backward: (seconds, bytes saved for backward when ``measure_saved``, the
+    CUDA peak or None on a CPU)."""
+    from visionzip_eval.profiling import PeakMemory, StageClock
+
+    cuda = device.type == "cuda"
+    memory = PeakMemory(device)
+    model.zero_grad(set_to_none=True)
+    memory.reset()
+    saved = SavedBytes(model)
+    clock = StageClock(device)
+    clock.mark("start")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        if measure_saved:
+            with saved:
+                loss = model(**inputs).loss
+        else:
+            loss = model(**inputs).loss
+    loss.backward()
+    clock.mark("end")
+    clock.finish()
+    peak = memory.read() if cuda else None  # a CPU's peak RSS only grows: not per step
+    return clock.ms("start", "end") / 1e3, saved.total if measure_saved else None, peak
+
+
+def _add_ratios(rows: list[dict], full_label: str) -> None:
+    """Each row's speed-up (with its spread), FLOPs-predicted speed-up and memory ratio against
+    the full-budget row of the same trained part."""
+    for row in rows:
+        full = next(r for r in rows if r["train"] == row["train"] and r["budget"] == full_label)
+        row["speedup"] = full["step_ms"] / row["step_ms"]
+        # the spread of the ratio: slowest full over fastest reduced, fastest full over slowest reduced
+        row["speedup_min"] = full["step_ms_min"] / row["step_ms_max"]
+        row["speedup_max"] = full["step_ms_max"] / row["step_ms_min"]
+        row["flops_predicted_speedup"] = full["train_gflops"] / row["train_gflops"]
+        row["memory_ratio"] = full["saved_mib"] / row["saved_mib"] if row["saved_mib"] else None
 
 
 def format_train_rows(rows: list[dict], info: dict) -> str:

@@ -224,11 +224,8 @@ def _trainer_class():
 def tune(options: TuneOptions, callbacks: tuple = (), log=print) -> dict:
     """Fine-tune ``options.model`` under its reduction; returns what ``visionzip_tuning.json``
     holds. Every input is checked before the output folder is created."""
-    import platform
 
     import torch
-    import transformers
-    from transformers import TrainingArguments
 
     from visionzip_eval import records
     from visionzip_eval.apply import remove_reduction, tokens_per_image
@@ -256,8 +253,37 @@ def tune(options: TuneOptions, callbacks: tuple = (), log=print) -> dict:
     log(f"model: {options.model}, {spec.label} at {budget.label} ({per_image} visual tokens per image), "
         f"training {'+'.join(trained)}: {trainable / 1e6:.3f} M of {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters")
 
+    args = _training_arguments(options, output, dtype)
+    TuningTrainer, StepMeter = _trainer_class()
+    meter = StepMeter(args.device)
+    trainer = TuningTrainer(model=model, args=args, train_dataset=dataset,
+                            data_collator=Collator(processor, backend, image_aspect),
+                            callbacks=[meter, *callbacks])
+    trainer.meter = meter
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoints(output)[-1]) if options.resume else None)
+    seconds = time.perf_counter() - start
+
+    remove_reduction(model)
+    for name in trained:  # the folder holds one dtype, the one the model was loaded in
+        backend.modules()[name].to(dtype)
+    trainer.save_model(str(output))  # on the main process (the Trainer sees to it)
+    record = _tuning_record(options, spec.label, budget.label, per_image, trained, trainable, data,
+                            trainer, result.training_loss, meter.summary(), seconds, str(args.device), dtype)
+    if trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch
+        processor.save_pretrained(str(output))
+        records.write_atomic(output / TUNING_JSON, json.dumps(record, indent=1) + "\n")  # last: the run is complete
+    return record
+
+
+def _training_arguments(options: TuneOptions, output: Path, dtype):
+    """transformers' TrainingArguments for ``options``: a cosine schedule, one checkpoint kept,
+    mixed precision when the model is loaded in half precision, the CPU when there is no GPU."""
+    import torch
+    from transformers import TrainingArguments
+
     half = dtype in (torch.float16, torch.bfloat16)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(output),
         per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum,
@@ -283,25 +309,22 @@ def tune(options: TuneOptions, callbacks: tuple = (), log=print) -> dict:
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
-    TuningTrainer, StepMeter = _trainer_class()
-    meter = StepMeter(args.device)
-    trainer = TuningTrainer(model=model, args=args, train_dataset=dataset,
-                            data_collator=Collator(processor, backend, image_aspect),
-                            callbacks=[meter, *callbacks])
-    trainer.meter = meter
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoints(output)[-1]) if options.resume else None)
-    seconds = time.perf_counter() - start
 
-    remove_reduction(model)
-    for name in trained:  # the folder holds one dtype, the one the model was loaded in
-        backend.modules()[name].to(dtype)
-    trainer.save_model(str(output))  # on the main process (the Trainer sees to it)
+
+def _tuning_record(options: TuneOptions, method: str, budget: str, per_image: int, trained: list[str],
+                   trainable: int, data, trainer, mean_loss: float, timing: dict, seconds: float, device: str,
+                   dtype) -> dict:
+    """What ``visionzip_tuning.json`` holds: the run's settings, data, losses, timing and versions."""
+    import platform
+
+    import torch
+    import transformers
+
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record = {
         "base_model": options.model,
-        "method": spec.label,
-        "budget": budget.label,
+        "method": method,
+        "budget": budget,
         "tokens_per_image": per_image,
         "trained": trained,
         "trainable_parameters": trainable,
@@ -310,20 +333,17 @@ def tune(options: TuneOptions, callbacks: tuple = (), log=print) -> dict:
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "seed": options.seed,
         "final_loss": losses[-1] if losses else None,
-        "mean_loss": round(float(result.training_loss), 6),
+        "mean_loss": round(float(mean_loss), 6),
         "loss_history": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
-        **meter.summary(),
+        **timing,
         "seconds": round(seconds, 1),
         "resumed": options.resume,
         "options": asdict(options),
-        "device": str(args.device),
+        "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
-    if trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch
-        processor.save_pretrained(str(output))
-        records.write_atomic(output / TUNING_JSON, json.dumps(record, indent=1) + "\n")  # last: the run is complete
     return record
 
 

@@ -7,9 +7,9 @@
   visual tokens the LLM received and the prefill time, optionally beside the answer with every
   token. The conversation goes on over turns; its visual tokens are computed once.
 - **Redundancy view**: per tower layer, how the CLS attention concentrates on a few patches,
-  and how alike the rest are (``visionzip_eval.redundancy``).
+  and how alike the rest are (``visionzip_eval.demos.redundancy``).
 
-The logic is plain Python (``visionzip_eval.chat``, ``visionzip_eval.redundancy``, and
+The logic is plain Python (``visionzip_eval.demos.chat``, ``visionzip_eval.demos.redundancy``, and
 :func:`redundancy_view` here); ``build_app`` only draws the page and keeps per-visitor state.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from visionzip_eval.chat import (
+from visionzip_eval.demos.chat import (
     SCALE,
     ChosenTokens,
     Conversation,
@@ -60,7 +60,7 @@ def redundancy_view(engine: Engine, image: Image.Image, top_k: int = 54) -> tupl
     """The redundancy figure of ``image``'s base unit and a one-paragraph summary."""
     import matplotlib.pyplot as plt
 
-    from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
+    from visionzip_eval.demos.redundancy import redundancy_figure, tower_redundancy
 
     rows, cols = engine.backend.patch_grid
     stats = tower_redundancy(engine.model, base_unit(engine, image), top_k=min(top_k, rows * cols - 1))
@@ -95,21 +95,131 @@ def parse_indices(text: str, total: int) -> list[int]:
     return sorted(chosen)
 
 
+class Handlers:
+    """What the page's events do, as plain methods on plain values (the page's state in, its
+    outputs out), so they run without a browser. ``selection_outputs`` is what every change of
+    the chosen patches shows: (grid picture, chosen list, summary, indices text)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.grid = engine.backend.patch_grid
+        self.total = self.grid[0] * self.grid[1]
+        probe = Image.new("RGB", (64, 48))
+        base_unit(engine, probe)  # refuses families without one fixed grid per tower input
+        self.anyres = "image_sizes" in engine.pixel_inputs([probe])
+
+    def selection_outputs(self, pixels, chosen, cls, contextual):
+        per_unit = len(chosen) + bool(cls) + int(contextual or 0)
+        extras = (" + CLS" if cls else "") + (f" + {int(contextual)} contextual" if contextual else "")
+        units = " per tower input (the base image and each crop get the same patches)" if self.anyres else ""
+        text = f"**{len(chosen)} of {self.total} patches chosen**{extras} → {per_unit} visual tokens{units}"
+        picture = None if pixels is None else grid_picture(pixels, self.grid, chosen)
+        return picture, sorted(chosen), text, ", ".join(map(str, sorted(chosen)))
+
+    def on_image(self, path, budget):
+        """A new image: its pixels, VisionZip's selection at ``budget``, fresh conversations."""
+        if not path:
+            return None, *self.selection_outputs(None, [], False, 0), False, 0, {}, [], [], "", "", ""
+        image = open_image(path)
+        start = method_start(self.engine, image, "visionzip", budget)
+        pixels = unit_pixels(self.engine, image)
+        return (pixels, *self.selection_outputs(pixels, start.patches, start.cls, start.contextual),
+                start.cls, start.contextual, {}, [], [], "", "", "")
+
+    def on_start(self, path, method, budget, pixels):
+        """Start from ``method``'s selection at ``budget``."""
+        start = method_start(self.engine, open_image(path), method, budget)
+        return (*self.selection_outputs(pixels, start.patches, start.cls, start.contextual),
+                start.cls, start.contextual)
+
+    def on_click(self, pixels, chosen, mode, corner, cls, contextual, xy: tuple[int, int]):
+        """A click at picture pixel ``xy``: toggle that patch, or (rectangle mode) remember the
+        first corner and toggle the rectangle at the second; the last output is the corner."""
+        if pixels is None:
+            raise ValueError("choose an image first")
+        height, width = pixels.shape[0] * SCALE, pixels.shape[1] * SCALE  # grid_picture's size
+        patch = patch_at(xy[0], xy[1], self.grid, (width, height))
+        chosen = set(chosen)
+        if mode == CLICK_MODES[1]:
+            if corner is None:
+                picture, kept, text, listed = self.selection_outputs(pixels, chosen, cls, contextual)
+                return picture, kept, f"{text} · corner at patch {patch}: click the opposite corner", listed, patch
+            patches = patches_between(corner, patch, self.grid)
+            if corner in chosen:
+                chosen.difference_update(patches)
+            else:
+                chosen.update(patches)
+        else:
+            chosen ^= {patch}
+        return (*self.selection_outputs(pixels, chosen, cls, contextual), None)
+
+    def on_set(self, which, pixels, chosen, cls, contextual):
+        """The all / none / invert buttons."""
+        everything = set(range(self.total))
+        new = {"all": everything, "none": set(), "invert": everything - set(chosen)}[which]
+        return (*self.selection_outputs(pixels, new, cls, contextual), None)
+
+    def on_typed(self, text, pixels, cls, contextual):
+        return self.selection_outputs(pixels, parse_indices(text, self.total), cls, contextual)
+
+    def on_send(self, path, question, chosen, cls, contextual, side_by_side, chats):
+        """Ask ``question`` with the chosen tokens (and, side by side, with every token); each
+        conversation goes on while its image and selection stay, and restarts when they change.
+        Returns (answer, answer with all tokens, what the LLM received, the two chat logs, chats)."""
+        image = open_image(path)
+        if not question or not question.strip():
+            raise ValueError("ask a question about the image")
+        reducers = {"chosen": ChosenTokens(patches=tuple(chosen), cls=bool(cls), contextual=int(contextual or 0))}
+        if side_by_side:
+            reducers["full"] = NoReduction()
+        chats = dict(chats or {})
+        lines = []
+        for name, reducer in reducers.items():
+            conversation = chats.get(name)
+            restarted = conversation is not None and not conversation.matches(image, reducer)
+            if conversation is None or restarted:
+                conversation = chats[name] = Conversation(image, reducer)
+            turn = conversation.ask(self.engine, question)
+            lines.append(received_line(name, turn, restarted, len(conversation.history)))
+        if not side_by_side:
+            chats.pop("full", None)
+        return (
+            chats["chosen"].history[-1][1],
+            chats["full"].history[-1][1] if side_by_side else "",
+            "\n\n".join(lines),
+            messages(chats["chosen"]),
+            messages(chats.get("full")),
+            chats,
+        )
+
+    def on_redundancy(self, path):
+        return redundancy_view(self.engine, open_image(path))
+
+
+def received_line(name: str, turn, restarted: bool, turns: int) -> str:
+    """One line of what a turn's LLM received and whether the tower ran."""
+    what = "chosen tokens" if name == "chosen" else "all tokens"
+    if turn.encoded:
+        how = f"tower ran to compute them ({turn.encode_ms:.0f} ms)"
+        how += " (image or selection changed: new conversation)" if restarted else ""
+    else:
+        how = "reused from turn 1 (tower not run)"
+    return (f"**{what}**: {turn.visual_tokens} visual tokens reached the LLM · "
+            f"prefill {turn.prefill_ms:.1f} ms · turn {turns}: {how}")
+
+
 def build_app(model, processor, examples: list[Image.Image] | None = None):
-    """The gradio Blocks page (gradio imported here: it is an optional extra)."""
+    """The gradio Blocks page (gradio imported here: it is an optional extra); what its events do
+    is ``Handlers``."""
     try:
         import gradio as gr
     except ImportError as error:
         raise RuntimeError('the app needs gradio: pip install "visionzip-eval[app]"') from error
 
     engine = Engine(model, processor)
-    backend = engine.backend
-    grid = backend.patch_grid
-    total = grid[0] * grid[1]
+    handlers = Handlers(engine)
+    backend, grid, anyres = engine.backend, handlers.grid, handlers.anyres
     methods = [info.name for info in list_methods("pre-llm")]
-    probe = Image.new("RGB", (64, 48))
-    base_unit(engine, probe)  # refuses families without one fixed grid per tower input
-    anyres = "image_sizes" in engine.pixel_inputs([probe])
 
     def guarded(function):
         """Run a handler, turning a ValueError into the page's one-line error."""
@@ -123,101 +233,8 @@ def build_app(model, processor, examples: list[Image.Image] | None = None):
 
         return run
 
-    def selection_outputs(pixels, chosen, cls, contextual):
-        per_unit = len(chosen) + bool(cls) + int(contextual or 0)
-        extras = (" + CLS" if cls else "") + (f" + {int(contextual)} contextual" if contextual else "")
-        units = " per tower input (the base image and each crop get the same patches)" if anyres else ""
-        text = f"**{len(chosen)} of {total} patches chosen**{extras} → {per_unit} visual tokens{units}"
-        picture = None if pixels is None else grid_picture(pixels, grid, chosen)
-        return picture, sorted(chosen), text, ", ".join(map(str, sorted(chosen)))
-
-    def reducer_of(chosen, cls, contextual):
-        return ChosenTokens(patches=tuple(chosen), cls=bool(cls), contextual=int(contextual or 0))
-
-    # -- handlers -------------------------------------------------------------------------
-    def on_image(path, budget):
-        if not path:
-            return None, *selection_outputs(None, [], False, 0), False, 0, {}, [], [], "", "", ""
-        image = open_image(path)
-        start = method_start(engine, image, "visionzip", budget)
-        pixels = unit_pixels(engine, image)
-        return (pixels, *selection_outputs(pixels, start.patches, start.cls, start.contextual),
-                start.cls, start.contextual, {}, [], [], "", "", "")
-
-    def on_start(path, method, budget, pixels):
-        start = method_start(engine, open_image(path), method, budget)
-        return (*selection_outputs(pixels, start.patches, start.cls, start.contextual), start.cls, start.contextual)
-
     def on_click(pixels, chosen, mode, corner, cls, contextual, event: gr.SelectData):
-        if pixels is None:
-            raise ValueError("choose an image first")
-        height, width = pixels.shape[0] * SCALE, pixels.shape[1] * SCALE  # grid_picture's size
-        patch = patch_at(event.index[0], event.index[1], grid, (width, height))
-        chosen = set(chosen)
-        if mode == CLICK_MODES[1]:
-            if corner is None:
-                picture, kept, text, listed = selection_outputs(pixels, chosen, cls, contextual)
-                return picture, kept, f"{text} · corner at patch {patch}: click the opposite corner", listed, patch
-            patches = patches_between(corner, patch, grid)
-            if corner in chosen:
-                chosen.difference_update(patches)
-            else:
-                chosen.update(patches)
-        else:
-            chosen ^= {patch}
-        return (*selection_outputs(pixels, chosen, cls, contextual), None)
-
-    def on_set(which):
-        def handler(pixels, chosen, cls, contextual):
-            new = {"all": set(range(total)), "none": set(), "invert": set(range(total)) - set(chosen)}[which]
-            return (*selection_outputs(pixels, new, cls, contextual), None)
-
-        return handler
-
-    def on_typed(text, pixels, cls, contextual):
-        return selection_outputs(pixels, parse_indices(text, total), cls, contextual)
-
-    def on_options(pixels, chosen, cls, contextual):
-        return selection_outputs(pixels, chosen, cls, contextual)
-
-    def on_send(path, question, chosen, cls, contextual, side_by_side, chats):
-        image = open_image(path)
-        if not question or not question.strip():
-            raise ValueError("ask a question about the image")
-        reducers = {"chosen": reducer_of(chosen, cls, contextual)}
-        if side_by_side:
-            reducers["full"] = NoReduction()
-        chats = dict(chats or {})
-        lines = []
-        for name, reducer in reducers.items():
-            conversation = chats.get(name)
-            restarted = conversation is not None and not conversation.matches(image, reducer)
-            if conversation is None or restarted:
-                conversation = chats[name] = Conversation(image, reducer)
-            turn = conversation.ask(engine, question)
-            what = "chosen tokens" if name == "chosen" else "all tokens"
-            if turn.encoded:
-                how = f"tower ran to compute them ({turn.encode_ms:.0f} ms)"
-                how += " (image or selection changed: new conversation)" if restarted else ""
-            else:
-                how = "reused from turn 1 (tower not run)"
-            lines.append(
-                f"**{what}**: {turn.visual_tokens} visual tokens reached the LLM · "
-                f"prefill {turn.prefill_ms:.1f} ms · turn {len(conversation.history)}: {how}"
-            )
-        if not side_by_side:
-            chats.pop("full", None)
-        return (
-            chats["chosen"].history[-1][1],
-            chats["full"].history[-1][1] if side_by_side else "",
-            "\n\n".join(lines),
-            messages(chats["chosen"]),
-            messages(chats.get("full")),
-            chats,
-        )
-
-    def on_redundancy(path):
-        return redundancy_view(engine, open_image(path))
+        return handlers.on_click(pixels, chosen, mode, corner, cls, contextual, tuple(event.index))
 
     # -- the page -------------------------------------------------------------------------
     with gr.Blocks(title="VisionZip Demo-Chat") as page:
@@ -296,35 +313,37 @@ def build_app(model, processor, examples: list[Image.Image] | None = None):
         model_event = {"concurrency_limit": 1, "concurrency_id": "model"}  # one model: one run at a time
         grid_outputs = [picture, chosen, selected, indices]
         image.change(
-            guarded(on_image), [image, budget],
+            guarded(handlers.on_image), [image, budget],
             [pixels, *grid_outputs, cls, contextual, chats, chat_chosen, chat_full, answer, answer_full, received],
             **model_event,
         )
         visionzip_button.click(
-            guarded(lambda path, b, p: on_start(path, "visionzip", b, p)), [image, budget, pixels],
+            guarded(lambda path, b, p: handlers.on_start(path, "visionzip", b, p)), [image, budget, pixels],
             [*grid_outputs, cls, contextual], **model_event,
         )
-        start_button.click(guarded(on_start), [image, method, budget, pixels], [*grid_outputs, cls, contextual],
-                           **model_event)
+        start_button.click(guarded(handlers.on_start), [image, method, budget, pixels],
+                           [*grid_outputs, cls, contextual], **model_event)
         picture.select(guarded(on_click), [pixels, chosen, mode, corner, cls, contextual], [*grid_outputs, corner])
         for button, which in ((all_button, "all"), (none_button, "none"), (invert_button, "invert")):
-            button.click(on_set(which), [pixels, chosen, cls, contextual], [*grid_outputs, corner])
-        indices.submit(guarded(on_typed), [indices, pixels, cls, contextual], grid_outputs)
-        cls.input(on_options, [pixels, chosen, cls, contextual], grid_outputs)
-        contextual.input(on_options, [pixels, chosen, cls, contextual], grid_outputs)
+            button.click(functools.partial(handlers.on_set, which), [pixels, chosen, cls, contextual],
+                         [*grid_outputs, corner])
+        indices.submit(guarded(handlers.on_typed), [indices, pixels, cls, contextual], grid_outputs)
+        cls.input(handlers.selection_outputs, [pixels, chosen, cls, contextual], grid_outputs)
+        contextual.input(handlers.selection_outputs, [pixels, chosen, cls, contextual], grid_outputs)
         send.click(
-            guarded(on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
+            guarded(handlers.on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
             [answer, answer_full, received, chat_chosen, chat_full, chats], **model_event,
         )
         question.submit(
-            guarded(on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
+            guarded(handlers.on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
             [answer, answer_full, received, chat_chosen, chat_full, chats], **model_event,
         )
         side_by_side.change(lambda on: (gr.update(visible=on),) * 2, [side_by_side], [chat_full, answer_full])
         restart.click(
             lambda: ({}, [], [], "", "", ""), None, [chats, chat_chosen, chat_full, answer, answer_full, received]
         )
-        redundancy_button.click(guarded(on_redundancy), [image], [redundancy_picture, redundancy_text], **model_event)
+        redundancy_button.click(guarded(handlers.on_redundancy), [image], [redundancy_picture, redundancy_text],
+                                **model_event)
     return page
 
 

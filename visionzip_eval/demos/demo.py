@@ -15,7 +15,7 @@ from visionzip_eval.budget import Budget
 from visionzip_eval.sweep import SweepConfig, SweepSummary, run_sweep
 from visionzip_eval.synth.weights import BUILTIN_NAME
 
-REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks"
+REPO_TASKS = Path(__file__).resolve().parents[2] / "tasks"
 DEMO_TASKS = [
     "visionzip_synth_gqa",
     "visionzip_synth_mmbench",
@@ -57,7 +57,7 @@ def run_demo(output_dir: str | Path = "results/demo", progress: bool = True, **c
     from visionzip_eval.synth.scenes import render
     from visionzip_eval.synth.weights import load_trained
     from visionzip_eval.testing import sample_images
-    from visionzip_eval.visualize import visualize
+    from visionzip_eval.demos.visualize import visualize
 
     config = demo_config(output_dir, **config_overrides)
     summary: SweepSummary = run_sweep(config, output_dir, progress=progress)

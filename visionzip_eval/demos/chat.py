@@ -20,7 +20,7 @@ The VisionZip README's Demo-Chat lets a user pick which visual tokens reach the 
 - :func:`grid_picture`, :func:`patch_at`, :func:`patches_between` are the patch grid the page
   draws and clicks on.
 
-``visionzip_eval.app`` draws the gradio page around these.
+``visionzip_eval.demos.app`` draws the gradio page around these.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from visionzip_eval.methods.base import TokenReducer
 from visionzip_eval.methods.registry import MethodSpec
 from visionzip_eval.methods.visionzip import VisionZip
 from visionzip_eval.selection import MergeRule, Selection, gather_rows, merge_contextual
-from visionzip_eval.visualize import DOMINANT_OUTLINE, outline, processed_pixels
+from visionzip_eval.demos.visualize import DOMINANT_OUTLINE, outline, processed_pixels
 
 MAX_NEW_TOKENS = 32
 
