@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,29 @@ def read_samples(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def samples_path(folder: str | Path, task: str) -> Path | None:
+    """The run folder's newest ``lmms_eval/*_samples_<task>.jsonl`` (names start with the date)."""
+    lmms = Path(folder) / "lmms_eval"
+    files = sorted(p for p in lmms.glob(f"*_samples_{task}.jsonl") if p.is_file()) if lmms.is_dir() else []
+    return files[-1] if files else None
+
+
+@lru_cache(maxsize=1024)
+def _cached_units(path: str, stamp: tuple[int, int], bench_key: str, metric: str) -> Units | None:
+    return units_from_samples(read_samples(path), bench_key, metric)
+
+
+def run_units(folder, task, bench_key: str, metric: str | None) -> Units | None:
+    """The scoring units of one run folder's samples (None without a samples file or metric)."""
+    if not folder or not task or not metric:
+        return None
+    path = samples_path(folder, str(task))
+    if path is None:
+        return None
+    stat = path.stat()
+    return _cached_units(str(path), (stat.st_mtime_ns, stat.st_size), bench_key, metric)
 
 
 def units_from_samples(rows: list[dict], bench_key: str, metric: str | None) -> Units | None:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from visionzip_eval import roofline
 from visionzip_eval.report import benchmarks as B
+from visionzip_eval.report import stats
 from visionzip_eval.report.collect import Results
 from visionzip_eval.noise import noise_summary
 from visionzip_eval.report.paper import (
@@ -37,6 +38,7 @@ class TableOptions:
     pope_metric: str = "f1"
     mme: str = "perception"
     paper: bool = True
+    intervals: bool = False  # md/tex cells as "score ± half-width" of the 95% interval (the CSV always has them)
 
     def __post_init__(self) -> None:
         if self.pope_metric not in POPE_METRICS:
@@ -51,6 +53,7 @@ class Column:
     header: str
     fmt: str  # score_pct, score_pts, avg, delta, int, ms, ms_sig, ratio, gib, tflops, speedup, seconds
     better: str | None = None  # "max", "min" or None (never bold)
+    sub: str = ""  # shown after the header in Markdown/LaTeX only (the sample size: " (n=240)")
 
 
 @dataclass
@@ -64,6 +67,8 @@ class TableBlock:
     notes: list[str] = field(default_factory=list)
     bold: set[tuple[int, str]] = field(default_factory=set)
     csv_extra: list[str] = field(default_factory=list)  # identity columns written to the CSV
+    csv_after: list[str] = field(default_factory=list)  # written to the CSV after the columns (n, intervals)
+    plusminus: dict[str, str] = field(default_factory=dict)  # column key -> its half-width column (md/tex)
 
 
 # -- scores ----------------------------------------------------------------------------------------
@@ -132,10 +137,7 @@ class SampleFacts:
 
 
 def _samples_file(folder: Path, task: str) -> Path | None:
-    lmms = Path(folder) / "lmms_eval"
-    suffix = f"_samples_{task}.jsonl"
-    files = sorted(p for p in lmms.glob(f"*{suffix}") if p.is_file()) if lmms.is_dir() else []
-    return files[-1] if files else None  # names start with the date: last is newest
+    return stats.samples_path(folder, task)
 
 
 def _n_options(item: dict) -> int:
@@ -245,7 +247,12 @@ def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.
         metrics = dict(zip(run["metric"], run["score"]))
         score, metric = _pick(metrics, first["benchmark"], options)
         facts = sample_facts(first["path"], first["task"], first["benchmark"])
+        units = stats.run_units(first["path"], first["task"], first["benchmark"], metric)
+        ci = stats.interval(units) if units is not None else None
         rows.append(dict(
+            units=units, n=ci.n if ci else math.nan, unit=units.unit if units else None,
+            ci_low=ci.low if ci else math.nan, ci_high=ci.high if ci else math.nan,
+            limit=first["limit"],
             run_id=first["run_id"], model=first["model"], pretrained=first["pretrained"],
             method=first["method"], budget=first["budget"], budget_total=first["budget_total"],
             task=first["task"], benchmark=first["benchmark"], seed=first["seed"],
@@ -345,6 +352,7 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     mean = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].mean()
     counts = cells.groupby(["method", "budget", "benchmark"], sort=False)["score"].size()
     full_cells = untuned[untuned["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
+    full_stats = _cell_stats(untuned[untuned["budget"] == "full"], bench_keys)
     at_chance = chance_exclusions(untuned)
     avg_keys = [b for b in bench_keys if b not in at_chance]  # the benchmarks Avg is over
 
@@ -355,7 +363,8 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
         group = groups.setdefault(key, dict(rows=[], tokens=[], is_full=budget == "full", total=total))
         group["tokens"].extend(rows["tokens_per_image"].dropna().tolist())
         scores = {b: float(mean.get((method, budget, b), math.nan)) for b in bench_keys}
-        group["rows"].append(dict(method=method, budget=budget, budget_total=total, scores=scores))
+        group["rows"].append(dict(method=method, budget=budget, budget_total=total, scores=scores,
+                                  stats=_cell_stats(rows, bench_keys)))
 
     paper = paper_rows(pretrained) if options.paper else paper_rows(None)
     paper_full = {}
@@ -401,6 +410,8 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
                 method=row["method"], budget=row["budget"], source="measured",
                 label=_row_label(row["method"], row["budget"], row["budget_total"]),
                 **{b: row["scores"][b] for b in bench_keys}, Avg=avg, delta=delta,
+                **{k: v for k, v in row["stats"].items() if k != "units"},
+                **_avg_interval(row["stats"], full_stats, avg_keys),
             ))
         for prow in group_paper:
             scores = {b: float(prow[b]) if b in prow and not pd.isna(prow[b]) else math.nan for b in bench_keys}
@@ -429,7 +440,8 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
 
     frame = pd.DataFrame(records)
     columns = [
-        Column(b, B.get(b).name if B.get(b) else b, "score_pts" if b == "MME" else "score_pct", "max")
+        Column(b, B.get(b).name if B.get(b) else b, "score_pts" if b == "MME" else "score_pct", "max",
+               sub=_n_header(frame, b))
         for b in bench_keys
     ]
     columns.append(Column("Avg", "Avg", "avg", "max"))
@@ -437,7 +449,9 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     if has_paper:
         columns.append(Column("delta", "Δ Avg vs paper (pp)", "delta", None))
 
-    notes = ["Scales: " + "; ".join(_scale_text(b, options, cells) for b in bench_keys) + "."]
+    notes = [note for note in [limit_caption(cells)] if note]
+    notes.append("Scales: " + "; ".join(_scale_text(b, options, cells) for b in bench_keys) + ".")
+    notes.append(n_note(cells, bench_keys, options.intervals))
     notes.append(
         "Avg: mean over the benchmarks of score / the same model's full-budget score, in %; "
         "'–' where a full-budget score is 0 or missing (retention is undefined)."
@@ -474,10 +488,89 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
         if "MME" in bench_keys and options.mme == "perception":
             notes.append(MME_NOTE)
     title = f"{model}" + (f" ({pretrained})" if pretrained and pretrained != model else "")
+    limit = _limit_of(cells)
+    if limit is not None:
+        title += f" (limit {limit}: for testing, not for comparison)"
+    after = [f"{b} {k}" for b in bench_keys for k in ("n", "low", "high")] + ["Avg low", "Avg high"]
+    for column in after:
+        if column not in frame:
+            frame[column] = math.nan
+    plusminus = {}
+    if options.intervals:
+        for key in [*bench_keys, "Avg"]:
+            frame[f"{key} ±"] = (frame[f"{key} high"] - frame[f"{key} low"]) / 2
+            plusminus[key] = f"{key} ±"
     return TableBlock(
         title=title, frame=frame, columns=columns, notes=notes, bold=bold,
         csv_extra=["model", "pretrained", "group", "tokens", "token_ratio", "method", "budget", "source", "label"],
+        csv_after=after, plusminus=plusminus,
     )
+
+
+# -- sample sizes and intervals (report/stats.py) --------------------------------------------------
+
+
+def _cell_stats(rows: pd.DataFrame, bench_keys: list[str]) -> dict:
+    """``<bench> n/low/high`` of one (method, budget)'s runs, and their scoring units under
+    ``units`` (one run per benchmark: with several seeds a cell is a mean and gets no interval)."""
+    out: dict = {"units": {}}
+    for key in bench_keys:
+        mine = rows[rows["benchmark"] == key] if "n" in rows else rows.iloc[0:0]
+        one = len(mine) == 1
+        out[f"{key} n"] = float(mine["n"].iloc[0]) if one else (float(mine["n"].sum()) if len(mine) else math.nan)
+        out[f"{key} low"] = float(mine["ci_low"].iloc[0]) if one else math.nan
+        out[f"{key} high"] = float(mine["ci_high"].iloc[0]) if one else math.nan
+        out["units"][key] = mine["units"].iloc[0] if one else None
+    return out
+
+
+def _avg_interval(row_stats: dict, full_stats: dict, avg_keys: list[str]) -> dict:
+    pairs = [(row_stats["units"].get(k), full_stats["units"].get(k)) for k in avg_keys]
+    if not pairs or any(r is None or f is None for r, f in pairs):
+        return {"Avg low": math.nan, "Avg high": math.nan}
+    _, low, high = stats.retention_interval(pairs)
+    return {"Avg low": low, "Avg high": high}
+
+
+def _limit_of(cells: pd.DataFrame):
+    limits = sorted({int(v) for v in cells.get("limit", pd.Series(dtype=float)).dropna()})
+    return None if not limits else limits[0] if len(limits) == 1 else "/".join(map(str, limits))
+
+
+def limit_caption(cells: pd.DataFrame) -> str:
+    """"limit 20 (n=20 per benchmark): for testing, not for comparison" for a limited run."""
+    limit = _limit_of(cells)
+    if limit is None:
+        return ""
+    ns = {b: sorted({int(v) for v in rows["n"].dropna()}) for b, rows in cells.groupby("benchmark", sort=False)}
+    units = {b: next((u for u in rows["unit"] if u), "questions") for b, rows in cells.groupby("benchmark")}
+    same = {tuple(v) for v in ns.values()}
+    if len(same) == 1 and len(next(iter(same))) == 1 and set(units.values()) == {"questions"}:
+        what = f"n={next(iter(same))[0]} per benchmark"
+    else:
+        what = "n: " + ", ".join(f"{b} {'/'.join(map(str, v)) or '?'} {units[b]}"
+                                 for b, v in sorted(ns.items(), key=lambda kv: B.sort_key(kv[0])))
+    return f"limit {limit} ({what}): for testing, not for comparison."
+
+
+def _n_header(frame: pd.DataFrame, key: str) -> str:
+    """" (n=240)" for a column whose measured cells all count the same units; a range otherwise."""
+    column = f"{key} n"
+    values = sorted({int(v) for v in frame[column].dropna()}) if column in frame else []
+    if not values:
+        return ""
+    return f" (n={values[0]})" if len(values) == 1 else f" (n={values[0]}-{values[-1]})"
+
+
+def n_note(cells: pd.DataFrame, bench_keys: list[str], plusminus: bool) -> str:
+    units = {b: next((u for u in cells.loc[cells["benchmark"] == b, "unit"] if u), None) for b in bench_keys}
+    counted = "; ".join(f"{B.get(b).name if B.get(b) else b}: {u}" for b, u in units.items() if u)
+    text = ("n: the units each score averages over, per benchmark cell (" + (counted or "no samples file") + "); "
+            "the CSV has every cell's n and its 95% interval (`<benchmark> low/high`, `Avg low/high`): Wilson for "
+            "proportions, else a bootstrap over the units (docs/statistics.md).")
+    if plusminus:
+        text += " Cells read score ± half-width of that interval."
+    return text
 
 
 # -- efficiency ------------------------------------------------------------------------------------
