@@ -2,9 +2,11 @@
 on a hand-made table, MME's pair grouping and score, POPE F1 as lmms-eval aggregates it,
 MMBench's circular groups, bootstrap intervals that cover the point and are reproducible."""
 
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from visionzip_eval.report import stats as S
@@ -126,3 +128,94 @@ def test_interval_width_shrinks_with_n():
     large = S.interval(_binary([1, 0] * 1000))
     assert large.half_width < small.half_width / 5
     assert np.isclose(small.score, large.score)
+
+
+# -- the report and `compare` on a handcrafted sweep with per-sample results ------------------------
+
+from visionzip_eval.cli import main  # noqa: E402
+from visionzip_eval.report import load_results, score_tables  # noqa: E402
+from visionzip_eval.report.synthetic import MODEL, make_results, run_id  # noqa: E402
+from visionzip_eval.report.tables import TableOptions, limit_caption  # noqa: E402
+
+N_GQA = 200
+# correctness per question: full 130/200; VisionZip 64 = full minus 4 (not separable); Random 64 = full minus 40
+GQA_RIGHT = {("none", "full"): list(range(130)), ("visionzip", "64"): list(range(4, 130)),
+             ("random", "64"): list(range(40, 130)), ("visionzip", "192"): list(range(130))}
+MME_PAIRS = [("color", f"{i}.png") for i in range(12)] + [("count", f"{i}.png") for i in range(8)]
+
+
+def _samples(folder, task, rows):
+    (path,) = (folder / "lmms_eval").glob(f"*_samples_{task}.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = make_results(tmp_path_factory.mktemp("stats") / "sweep", problems=False)
+    for (method, budget), right in GQA_RIGHT.items():
+        folder = root / "runs" / run_id(MODEL, method, budget, "gqa")
+        _samples(folder, "gqa", [dict(doc_id=i, exact_match=float(i in right)) for i in range(N_GQA)])
+        wrong = 0 if budget in ("full", "192") else 3 if method == "visionzip" else 9
+        mme = []
+        for k, (category, image) in enumerate(MME_PAIRS):
+            for q in range(2):
+                mme.append(dict(doc_id=len(mme), mme_perception_score=dict(
+                    question_id=image, category=category, score=float(not (k < wrong and q == 0)))))
+        _samples(root / "runs" / run_id(MODEL, method, budget, "mme"), "mme", mme)
+        pope = []
+        for i in range(100):  # the first 10 / 20 / 40 answers flipped
+            truth = "yes" if i % 2 else "no"
+            flip = i < {"none": 10, "visionzip": 20, "random": 40}[method]
+            entry = dict(question_id=i, prediction=("no" if truth == "yes" else "yes") if flip else truth,
+                         ground_truth=truth, score=float(not flip))
+            pope.append(dict(doc_id=i, pope_f1_score=entry, pope_accuracy=entry))
+        _samples(root / "runs" / run_id(MODEL, method, budget, "pope"), "pope", pope)
+    return root
+
+
+def test_report_carries_n_and_intervals_parsed_back(sweep):
+    from visionzip_eval.report import write_report
+    report = write_report(sweep, TableOptions(intervals=True), plots=False)
+    table = pd.read_csv(report.directory / "table.csv")
+    vz64 = table[(table["method"] == "visionzip") & (table["budget"].astype(str) == "64")].iloc[0]
+    wilson = S.interval(_binary([i in GQA_RIGHT[("visionzip", "64")] for i in range(N_GQA)]))
+    assert vz64["GQA n"] == N_GQA and vz64["MME n"] == len(MME_PAIRS)
+    assert (vz64["GQA low"], vz64["GQA high"]) == pytest.approx((wilson.low, wilson.high))
+    assert vz64["Avg low"] < vz64["Avg"] < vz64["Avg high"]
+    md = (report.directory / "table.md").read_text()
+    assert f"GQA (n={N_GQA})" in md and f"MME (n={len(MME_PAIRS)})" in md
+    # the cell is lmms-eval's aggregate (0.55 in this fixture's results JSON), the ± from the samples
+    assert f"55.0 ± {wilson.half_width:.1f}" in md
+    tex = (report.directory / "table.tex").read_text()
+    assert f"GQA (n={N_GQA})" in tex and r"$\pm$" in tex
+    assert "not distinguishable at this n" in md and "## Paired comparisons" in md
+
+
+def test_limit_caption_names_the_limit_and_n():
+    import pandas as pd
+    cells = pd.DataFrame(dict(benchmark=["GQA", "POPE"], n=[20, 20], unit=["questions"] * 2, limit=[20, 20]))
+    assert limit_caption(cells) == "limit 20 (n=20 per benchmark): for testing, not for comparison."
+    cells = pd.DataFrame(dict(benchmark=["GQA", "MME"], n=[20, 10], unit=["questions", "pairs"], limit=[20, 20]))
+    assert limit_caption(cells) == "limit 20 (n: GQA 20 questions, MME 10 pairs): for testing, not for comparison."
+    assert limit_caption(cells.assign(limit=[None, None])) == ""
+
+
+def test_compare_command_prints_paired_differences(sweep, capsys):
+    assert main(["compare", str(sweep), "visionzip@64", "random@64"]) == 0
+    out = capsys.readouterr().out
+    gqa = next(line for line in out.splitlines() if "| GQA |" in line)
+    # B - A = 90/200 - 126/200 = -18.0 pp; 36 right under VisionZip only, 0 under Random only
+    assert "-18.0 [" in gqa and "McNemar (exact) (36 vs 0 discordant)" in gqa and "VisionZip @64 higher" in gqa
+    close = main(["compare", str(sweep), "vanilla", "visionzip@64"])
+    out = capsys.readouterr().out
+    assert close == 0
+    gqa = next(line for line in out.splitlines() if "| GQA |" in line)
+    assert "not distinguishable at this n" in gqa and "(4 vs 0 discordant)" in gqa
+
+
+def test_compare_bad_selector_is_one_line(sweep, capsys):
+    assert main(["compare", str(sweep), "visionzip@32", "random@64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "visionzip-eval: error: visionzip has no run at budget 32: it ran at 192, 64"
+    assert main(["compare", str(sweep), "bogus", "random"]) == 2
+    assert "no complete run of method 'bogus'" in capsys.readouterr().err

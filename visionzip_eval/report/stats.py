@@ -337,3 +337,39 @@ def paired(a: Units, b: Units, seed: int = SEED, iterations: int = ITERATIONS) -
     p = min(1.0, 2 * min(np.mean(draws <= 0), np.mean(draws >= 0))) if np.any(draws != 0) else 1.0
     return Paired(score_a, score_b, score_b - score_a, float(low), float(high), len(common),
                   "paired bootstrap", float(p))
+
+
+def retention_difference(triples: list[tuple[Units, Units, Units]], seed: int = SEED,
+                         iterations: int = ITERATIONS) -> Paired:
+    """Avg retention of B minus that of A (percentage points), both against the same full-budget
+    run, with a paired-bootstrap 95% interval and two-sided p-value: each benchmark resamples the
+    units all three runs answered, one draw for all three. ``triples``: (A, B, full) per benchmark."""
+    aligned = []
+    for a, b, full in triples:
+        common = np.intersect1d(np.intersect1d(a.ids, b.ids), full.ids)
+        if len(common):
+            aligned.append((a.aligned(common), b.aligned(common), full.aligned(common)))
+    if not aligned:
+        raise ValueError("the runs share no question: they are not paired")
+
+    def avgs(indices):
+        ra, rb = [], []
+        for (a, b, f), i in zip(aligned, indices):
+            base = f.score(i)
+            if base:
+                ra.append(a.score(i) / base)
+                rb.append(b.score(i) / base)
+        return (100.0 * float(np.mean(ra)), 100.0 * float(np.mean(rb))) if ra else (math.nan, math.nan)
+
+    score_a, score_b = avgs([None] * len(aligned))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(iterations):
+        x, y = avgs([_resample(a.n, a.strata, rng) for a, _, _ in aligned])
+        draws.append(y - x)
+    draws = np.array(draws)
+    draws = draws[np.isfinite(draws)]
+    low, high = np.percentile(draws, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    p = min(1.0, 2 * min(np.mean(draws <= 0), np.mean(draws >= 0))) if np.any(draws != 0) else 1.0
+    return Paired(score_a, score_b, score_b - score_a, float(low), float(high),
+                  min(a.n for a, _, _ in aligned), "paired bootstrap", float(p))
