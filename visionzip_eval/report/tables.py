@@ -470,6 +470,11 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     if (counts > 1).any():
         notes.append(f"Cells are means over runs (seeds): up to {int(counts.max())} per cell.")
     notes.append("Bold (LaTeX, Markdown): best per column within a budget group among measured reduced rows.")
+    if any("(in-LLM" in str(label) for label in frame["label"]):
+        notes.append(
+            "(in-LLM): the method prunes inside the LLM, so every visual token enters it and the row's token count is "
+            "what its layers keep after the last pruning layer (the efficiency table's 'Visual tokens in' and "
+            "'kept'); its prefill is not that of a pre-LLM method at the same count.")
     if tuned.any():
         sources = "; ".join(f"{source}: tuned under {tuned_as}" for source, tuned_as in sorted(
             set(zip(cells.loc[tuned, "pretrained"].astype(str), cells.loc[tuned, "tuned_as"].astype(str)))))
