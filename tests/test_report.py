@@ -170,7 +170,7 @@ def test_paper_reference_rows_and_delta(results):
     (block,) = score_tables(results)
     frame = block.frame
     paper = frame[frame["source"] == "paper"]
-    assert set(paper["label"]) == {"Vanilla (paper†)", "VisionZip (paper†)", "FastV (paper†)", "SparseVLM (paper†)"}
+    assert set(paper["label"]) == {"Vanilla (paper†)", "VisionZip (paper†)", "FastV (in-LLM) (paper†)", "SparseVLM (in-LLM) (paper†)"}
     vanilla_paper = _row(block, "Vanilla (paper†)")
     assert vanilla_paper["MME"] == 1862 and vanilla_paper["GQA"] == 61.9 and vanilla_paper["POPE"] == 85.9
     # paper rows only in the groups measured here (128 has no complete run)
@@ -338,9 +338,9 @@ def test_in_llm_rows_group_by_budget_compare_with_the_paper_and_show_tokens_in_a
         efficiency.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = load_results(root)
     (block,) = score_tables(results)
-    fastv = _row(block, "FastV (count=average)", "Retain 64")
+    fastv = _row(block, "FastV (in-LLM, count=average)", "Retain 64")
     vz64 = _row(block, "VisionZip", "Retain 64")
-    paper = _row(block, "FastV (paper†)", "Retain 64")
+    paper = _row(block, "FastV (in-LLM) (paper†)", "Retain 64")
     assert fastv["Avg"] == pytest.approx(vz64["Avg"])  # the same scores were written
     assert fastv["delta"] == pytest.approx(fastv["Avg"] - paper["Avg"])
     (efficiency_block, *_) = efficiency_tables(results)

@@ -144,12 +144,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if Path(args.results).is_dir():  # a missing one gets the report's own error
         _ensure_writable(Path(args.results) / REPORT_DIR, "report folder",
                          f"the report goes to RESULTS/{REPORT_DIR}/: move that away, or make RESULTS writable")
-    options = TableOptions(pope_metric=args.pope_metric, mme=args.mme, paper=not args.no_paper)
+    options = TableOptions(pope_metric=args.pope_metric, mme=args.mme, paper=not args.no_paper,
+                           intervals=args.intervals)
     report = write_report(args.results, options, plots=not args.no_plots)
     print(report.main_table)
     if report.frames_table:
         print("\n" + report.frames_table)
     print(f"\nreport written to {report.directory}/ ({len(report.paths)} files)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from visionzip_eval.report import TableOptions, load_results
+    from visionzip_eval.report.compare import COMPARE_NOTE, Selector, compare, compare_markdown
+
+    a, b = Selector.parse(args.a), Selector.parse(args.b)
+    options = TableOptions(pope_metric=args.pope_metric, mme=args.mme)
+    frame = compare(load_results(args.results), a, b, options, model=args.model)
+    print(compare_markdown(frame))
+    print("\n" + COMPARE_NOTE)
     return 0
 
 
@@ -361,7 +374,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MME column: perception (0-2000, default) or perception + cognition (the paper's)")
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's reference rows")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--intervals", action="store_true",
+                   help="score cells of table.md/.tex as 'score ± half-width' of their 95%% interval (table.csv "
+                        "always has the interval columns)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="paired difference of two methods in one sweep, per benchmark and budget, with a 95%% interval "
+             "and a paired test",
+        description="B minus A on the questions both answered (MME: image pairs; MMBench: circular groups), per "
+        "benchmark and budget, and in Avg retention: the difference, its 95%% paired-bootstrap interval, the exact "
+        "McNemar test (binary correctness) or the paired bootstrap's p, and 'not distinguishable at this n' where "
+        "p >= 0.05. A and B are METHOD[@BUDGET]: METHOD as the run folders name it (visionzip, random, "
+        "fastv,count=average; vanilla or none: the unreduced model), BUDGET a budget label (64, 54+10, full). "
+        "Without @BUDGET: every budget both ran (a side run at one budget only, like vanilla, is paired with each "
+        "of the other's). Examples: compare results/methods_synth visionzip@64 random@64; "
+        "compare results/synth vanilla visionzip.",
+    )
+    p.add_argument("results", help="the sweep's output directory (holding runs/)")
+    p.add_argument("a", metavar="A", help="METHOD[@BUDGET], e.g. visionzip@64")
+    p.add_argument("b", metavar="B", help="METHOD[@BUDGET], e.g. random@64")
+    p.add_argument("--model", default=None, help="the model, when the results hold several")
+    p.add_argument("--pope-metric", choices=["f1", "accuracy"], default="f1", help="POPE score (default: f1)")
+    p.add_argument("--mme", choices=["perception", "total"], default="perception",
+                   help="MME score: perception (default) or perception + cognition")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
         "regress",

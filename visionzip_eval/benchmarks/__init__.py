@@ -115,6 +115,12 @@ def method_name(method: str) -> str:
     method = str(method)
     if method.endswith(TUNED_MARK):
         return method_name(method[: -len(TUNED_MARK)]) + TUNED_MARK
+    from visionzip_eval.methods.registry import _REGISTRY
+
+    name, _, options = method.partition(",")
+    info = _REGISTRY.get(name)
+    if info is not None and info.kind == "in-llm":  # never mistaken for a pre-LLM method at the same count
+        return f"{info.display} (in-LLM" + (f", {options.replace(',', ', ')})" if options else ")")
     return UNREGISTERED_NAMES.get(method) or display_name(method)
 
 

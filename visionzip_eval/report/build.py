@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from visionzip_eval.report.collect import Results, load_results
+from visionzip_eval.report.compare import comparison_section
 from visionzip_eval.report.frames import frames_tables
 from visionzip_eval.report.plots import write_plots
 from visionzip_eval.report.render import blocks_csv, blocks_latex, blocks_markdown
@@ -65,6 +66,7 @@ def write_report(results_dir: str | Path, options: TableOptions = TableOptions()
         "# VisionZip evaluation: scores",
         f"Results: `{Path(results_dir)}` ({summary}).",
         main,
+        comparison_section(results, options),  # paired tests: the ordering's ties, each method vs VisionZip
         problems,
     ] if p)
     writer.text("table.md", table_md)

@@ -20,9 +20,10 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from visionzip_eval import roofline
 from visionzip_eval import benchmarks as B
-from visionzip_eval.report.collect import Results
 from visionzip_eval.benchmarks.paper import PAPER_MARK, paper_rows
-from visionzip_eval.report.tables import TableOptions, _is_video, chance_exclusions, score_cells
+from visionzip_eval.report import stats
+from visionzip_eval.report.collect import Results
+from visionzip_eval.report.tables import TableOptions, _is_video, chance_exclusions, limit_caption, score_cells
 
 _METHOD_COLORS = {"none": "#1f1f1f", "visionzip": "#2ca02c", "random": "#d62728", "pool": "#ff7f0e",
                   "fastv": "#9467bd", "sparsevlm": "#8c564b"}
@@ -82,7 +83,10 @@ def _cell_means(results: Results, options: TableOptions) -> pd.DataFrame:
         return cells
     grouped = cells.groupby(["model", "pretrained", "method", "budget", "benchmark"], dropna=False, sort=False)
     means = grouped.agg(score=("score", "mean"), tokens=("tokens_per_image", "median"),
-                        budget_total=("budget_total", "first"), max_score=("max_score", "max")).reset_index()
+                        budget_total=("budget_total", "first"), max_score=("max_score", "max"),
+                        runs=("score", "size"), units=("units", "first"), n=("n", "first"),
+                        unit=("unit", "first")).reset_index()
+    means.loc[means["runs"] != 1, "units"] = None  # a mean over seeds: no interval
     excluded = {(model, bench) for model, mcells in cells.groupby("model", sort=False)
                 for bench in chance_exclusions(mcells)}
     means["at_chance"] = [(m, b) in excluded for m, b in zip(means["model"], means["benchmark"])]
@@ -91,7 +95,45 @@ def _cell_means(results: Results, options: TableOptions) -> pd.DataFrame:
     ok = means["full_score"].notna() & (means["full_score"] != 0)
     means["retention"] = np.where(ok, 100 * means["score"] / means["full_score"].where(ok), np.nan)
     means["tokens"] = means["tokens"].fillna(means["budget_total"])
+    full_units = {(m, b): u for m, b, u, budget in zip(means["model"], means["benchmark"], means["units"],
+                                                       means["budget"]) if budget == "full"}
+    means["full_units"] = [full_units.get((m, b)) for m, b in zip(means["model"], means["benchmark"])]
+    bounds = [stats.retention_interval([(u, f)])[1:] if u is not None and f is not None and budget != "full"
+              and not pd.isna(r) else (math.nan, math.nan)
+              for u, f, budget, r in zip(means["units"], means["full_units"], means["budget"], means["retention"])]
+    means["retention_low"] = [b[0] for b in bounds]
+    means["retention_high"] = [b[1] for b in bounds]
     return means
+
+
+def _noisy_runs(results: Results) -> set[tuple]:
+    """(model, method, budget) with a run timed on a noisy machine."""
+    runs = results.runs
+    return set(map(tuple, runs.loc[runs["noisy"], ["model", "method", "budget"]].astype(str).to_numpy().tolist()))
+
+
+NOISY_LEGEND = "hollow: timed on a noisy machine (times not to be trusted)"
+
+
+def _noisy_handle(ax):
+    """A legend entry for the hollow markers of noisy runs."""
+    (handle,) = ax.plot([], [], linestyle="none", marker="o", markerfacecolor="none", color="grey", label=NOISY_LEGEND)
+    return handle
+
+
+def _in_llm(method: str) -> bool:
+    from visionzip_eval.methods.registry import _REGISTRY
+
+    info = _REGISTRY.get(str(method).partition(",")[0])
+    return info is not None and info.kind == "in-llm"
+
+
+def _n_text(data: pd.DataFrame) -> str:
+    ns = sorted({int(v) for v in data["n"].dropna()})
+    unit = next((u for u in data["unit"] if isinstance(u, str)), "")
+    if not ns:
+        return ""
+    return f"n={ns[0]} {unit}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]} {unit}"
 
 
 def _image_requests(results: Results) -> pd.DataFrame:
@@ -143,8 +185,12 @@ def plot_retention(results: Results, directory: Path, options: TableOptions = Ta
                 if sub.empty:
                     continue
                 label = _series_label(model, method, many)
-                (line,) = ax.plot(sub["tokens"], sub[value], marker=_MARKERS[mi % len(_MARKERS)],
-                                  color=colors.get(method), label=label)
+                low, high = (sub["retention_low"], sub["retention_high"]) if value == "retention" else (
+                    sub.get("low", sub[value]), sub.get("high", sub[value]))
+                yerr = np.array([(sub[value] - low).fillna(0).clip(lower=0), (high - sub[value]).fillna(0).clip(lower=0)])
+                line = ax.errorbar(sub["tokens"], sub[value], yerr=yerr, marker=_MARKERS[mi % len(_MARKERS)],
+                                   capsize=3, color=colors.get(method), label=label,
+                                   linestyle="--" if _in_llm(method) else "-")
                 handles.setdefault(label, line)
                 ticks += sub["tokens"].tolist()
                 plotted = True
@@ -162,8 +208,10 @@ def plot_retention(results: Results, directory: Path, options: TableOptions = Ta
             _empty(ax, "no retention to plot:\nfull-budget scores are 0 or missing")
             ax.set_title("Average over benchmarks" if panel == "Avg" else panel, fontsize=10)
             continue
+        n_text = _n_text(means[means["benchmark"] == panel]) if panel != "Avg" else ""
         ax.set_title(
             ("Average over benchmarks" if panel == "Avg" else (B.get(panel).name if B.get(panel) else panel))
+            + (f" ({n_text})" if n_text else "")
             + ("" if use_retention else "\n(raw score: the full-budget score is 0)")
             + ("\n(at chance at full budget: left out of the average)"
                if panel != "Avg" and means[means["benchmark"] == panel]["at_chance"].all() else ""),
@@ -183,8 +231,10 @@ def plot_retention(results: Results, directory: Path, options: TableOptions = Ta
     if handles:
         fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
                    ncol=min(4, len(handles)), fontsize=8, frameon=False)
-    fig.suptitle("Score retention vs. visual tokens (each benchmark relative to the same model at full tokens)",
-                 fontsize=11)
+    caption = limit_caption(score_cells(results, options)) if len(means) else ""
+    fig.suptitle("Score retention vs. visual tokens (each benchmark relative to the same model at full tokens)\n"
+                 "bars: 95% paired-bootstrap intervals; dashed: in-LLM methods (every visual token enters the LLM, "
+                 "x = tokens kept after the last pruning layer)" + (f"\n{caption}" if caption else ""), fontsize=10)
     return _save(fig, directory, "retention")
 
 
@@ -195,8 +245,12 @@ def _avg_retention(mdata: pd.DataFrame) -> pd.DataFrame:
     for (method, budget), sub in mdata.groupby(["method", "budget"]):
         values = sub["retention"].dropna()
         if len(values) and len(values) == benches:
+            pairs = list(zip(sub["units"], sub["full_units"]))
+            low = high = math.nan
+            if budget != "full" and all(u is not None and f is not None for u, f in pairs):
+                _, low, high = stats.retention_interval(pairs)
             rows.append(dict(method=method, budget=budget, tokens=sub["tokens"].median(),
-                             retention=values.mean(), score=math.nan))
+                             retention=values.mean(), score=math.nan, retention_low=low, retention_high=high))
     return pd.DataFrame(rows)
 
 
@@ -241,6 +295,7 @@ def plot_pareto(results: Results, directory: Path, options: TableOptions = Table
     ax = fig.subplots()
     points = []
     retention_ok = True
+    noisy = _noisy_runs(results)
     if len(means) and len(reqs):
         latency = reqs.groupby(["model", "method", "budget"])["prefill_ms"].median()
         for (model, method, budget), sub in means.groupby(["model", "method", "budget"]):
@@ -253,7 +308,8 @@ def plot_pareto(results: Results, directory: Path, options: TableOptions = Table
             y = float(counted["retention"].mean()) if have else math.nan
             scaled = [s / m * 100 if not pd.isna(m) and m > 0 else s / SCALE_MAX[b] * 100 if b in SCALE_MAX else s
                       for s, b, m in zip(sub["score"], sub["benchmark"], sub["max_score"])]
-            points.append(dict(model=model, method=method, budget=budget, x=float(latency[(model, method, budget)]),
+            points.append(dict(noisy=(str(model), str(method), str(budget)) in noisy,
+                               model=model, method=method, budget=budget, x=float(latency[(model, method, budget)]),
                                y=y, y_raw=float(np.nanmean(scaled)) if scaled else math.nan,
                                tokens=float(sub["tokens"].median()), have=have, benches=benches))
     frame = pd.DataFrame(points)
@@ -268,8 +324,11 @@ def plot_pareto(results: Results, directory: Path, options: TableOptions = Table
         many = frame["model"].nunique() > 1
         for mi, (model, mframe) in enumerate(frame.groupby("model")):
             for method, sub in mframe.groupby("method"):
-                ax.scatter(sub["x"], sub[value], s=60, color=colors[method], marker=_MARKERS[mi % len(_MARKERS)],
-                           label=_series_label(model, method, many), zorder=3)
+                face = [("none" if flag else colors[method]) for flag in sub["noisy"]]
+                ax.scatter(sub["x"], sub[value], s=60, facecolors=face, edgecolors=colors[method],
+                           marker=_MARKERS[mi % len(_MARKERS)], label=_series_label(model, method, many), zorder=3)
+            if mframe["noisy"].any():
+                _noisy_handle(ax)
             for k, (_, p) in enumerate(mframe.sort_values("x").iterrows()):
                 tag = "full" if p["budget"] == "full" else f"{int(round(p['tokens']))} tokens"
                 if retention_ok and 0 < p["have"] < p["benches"]:
@@ -286,6 +345,9 @@ def plot_pareto(results: Results, directory: Path, options: TableOptions = Table
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     title = "Accuracy vs. prefill latency (upper left is better)"
+    caption = limit_caption(score_cells(results, options)) if len(means) else ""
+    if caption:
+        title += f"\n{caption}"
     if not frame.empty and not retention_ok:
         title += "\nretention undefined (a full-budget score is 0): raw mean score shown"
     ax.set_title(title, fontsize=11)
@@ -359,6 +421,7 @@ def plot_latency(results: Results, directory: Path) -> list[Path]:
     reqs = _image_requests(results)
     models = sorted(reqs["model"].unique()) if len(reqs) else []
     fig, axes = _model_rows(models, 3.8, "no measured requests: nothing to plot")
+    noisy = _noisy_runs(results)
     for row, model in enumerate(models):
         mreqs = reqs[reqs["model"] == model]
         totals = mreqs.groupby(["method", "budget"])["budget_total"].first()
@@ -372,8 +435,15 @@ def plot_latency(results: Results, directory: Path) -> list[Path]:
             ax = axes[row][col]
             data = [mreqs[(mreqs["method"] == m) & (mreqs["budget"] == b)][field].dropna().to_numpy()
                     for m, b, _ in keys]
-            ax.boxplot(data, tick_labels=labels, showfliers=True, patch_artist=True,
-                       boxprops=dict(facecolor="#c6dbef"), medianprops=dict(color="#d62728"))
+            boxes = ax.boxplot(data, tick_labels=labels, showfliers=True, patch_artist=True,
+                               boxprops=dict(facecolor="#c6dbef"), medianprops=dict(color="#d62728"))
+            flagged = [(model, str(m), str(b)) in noisy for m, b, _ in keys]
+            for box, flag in zip(boxes["boxes"], flagged):
+                if flag:
+                    box.set_facecolor("none")
+            if any(flagged):
+                from matplotlib.patches import Patch
+                ax.legend(handles=[Patch(facecolor="none", edgecolor="black", label=NOISY_LEGEND)], fontsize=8)
             ax.set_ylabel(f"{name} latency (ms)")
             ax.set_xlabel("method and visual-token budget (tokens per image)")
             ax.set_title(f"{model}: {name} latency per request\n({len(mreqs)} requests of image tasks, "
@@ -393,6 +463,7 @@ def plot_roofline(results: Results, directory: Path) -> list[Path]:
     reqs = reqs[reqs["prefill_roofline_ms"].notna()] if len(reqs) else reqs
     models = sorted(reqs["model"].unique()) if len(reqs) else []
     fig, axes = _model_rows(models, 4.2, "no request with a roofline bound: nothing to plot")
+    noisy = _noisy_runs(results)
     colors = _style(list(reqs["method"].unique()) + ["none"]) if len(reqs) else {}
     for row, model in enumerate(models):
         mreqs = reqs[reqs["model"] == model]
@@ -416,12 +487,18 @@ def plot_roofline(results: Results, directory: Path) -> list[Path]:
             ax = axes[row][col]
             series = [(m, pd.concat([sub, full]).sort_values("tokens"))
                       for m, sub in agg[agg["budget"] != "full"].groupby("method")] or [("none", full)]
+            any_noisy = False
             for method, sub in series:
                 label = B.method_name(method)
                 ax.plot(sub["tokens"], sub[value], marker="o", color=colors.get(method),
                         label=f"{label}: measured")
-                ax.plot(sub["tokens"], sub[f"{value}_bound"], marker="o", markerfacecolor="none",
+                ax.plot(sub["tokens"], sub[f"{value}_bound"], marker="s", markerfacecolor="none",
                         linestyle="--", color=colors.get(method), label=f"{label}: roofline")
+                flagged = sub[[(model, str(m), str(b)) in noisy for m, b in zip(sub["method"], sub["budget"])]]
+                if len(flagged):  # hollow measured points: timed on a noisy machine
+                    ax.plot(flagged["tokens"], flagged[value], linestyle="none", marker="o", markersize=9,
+                            markerfacecolor="white", color=colors.get(method))
+                    any_noisy = True
             if len(full):
                 ax.plot(full["tokens"], full[value], linestyle="none", marker="*", markersize=12, color="black",
                         label="full budget")
@@ -429,6 +506,8 @@ def plot_roofline(results: Results, directory: Path) -> list[Path]:
                 if not pd.isna(point[f"{value}_ratio"]):
                     ax.annotate(f"{point[f'{value}_ratio']:.1f}×", (point["tokens"], point[value]),
                                 textcoords="offset points", xytext=(5, 5), fontsize=8)
+            if any_noisy:
+                _noisy_handle(ax)
             ax.set_yscale("log")
             _token_axis(ax, agg["tokens"].tolist())
             ax.set_xlabel("visual tokens per image (log scale)")

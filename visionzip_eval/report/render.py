@@ -42,6 +42,14 @@ def format_value(value, fmt: str) -> str:
     return f"{value:g}"
 
 
+def _with_plusminus(text: str, row, column, block: TableBlock) -> str:
+    """``61.2 ± 3.1`` where the block asks for intervals and the cell has one."""
+    half = row.get(block.plusminus.get(column.key, ""), math.nan)
+    if text == MISSING or half is None or pd.isna(half):
+        return text
+    return f"{text} ± {format_value(half, 'score_pct' if column.fmt == 'avg' else column.fmt)}"
+
+
 # -- Markdown --------------------------------------------------------------------------------------
 
 
@@ -52,7 +60,7 @@ def _md_escape(text: str) -> str:
 def block_markdown(block: TableBlock, heading: str = "###") -> str:
     cols = block.columns
     lines = [f"{heading} {block.title}", ""] if heading else []
-    lines.append("| Method | " + " | ".join(_md_escape(c.header) for c in cols) + " |")
+    lines.append("| Method | " + " | ".join(_md_escape(c.header + c.sub) for c in cols) + " |")
     lines.append("|---|" + "|".join("---:" for _ in cols) + "|")
     group = None
     for pos, (_, row) in enumerate(block.frame.iterrows()):
@@ -61,7 +69,7 @@ def block_markdown(block: TableBlock, heading: str = "###") -> str:
             lines.append(f"| *{_md_escape(group)}* |" + " |" * len(cols))
         cells = []
         for c in cols:
-            text = format_value(row[c.key], c.fmt)
+            text = _with_plusminus(format_value(row[c.key], c.fmt), row, c, block)
             cells.append(f"**{text}**" if (pos, c.key) in block.bold else text)
         label = _md_escape(row["label"])
         if row.get("source") == "paper":
@@ -84,7 +92,7 @@ def blocks_markdown(blocks: list[TableBlock], title: str | None = None, heading:
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "↓": r"$\downarrow$", "Δ": r"$\Delta$", "†": r"$^\dagger$", "×": r"$\times$", "–": "--",
+    "±": r"$\pm$", "→": r"$\to$", "≈": r"$\approx$", "↓": r"$\downarrow$", "Δ": r"$\Delta$", "†": r"$^\dagger$", "×": r"$\times$", "–": "--",
 }
 
 
@@ -102,7 +110,7 @@ def block_latex(block: TableBlock) -> str:
         rf"\caption{{{latex_escape(block.title)}}}",
         r"\begin{tabular}{l" + "r" * len(cols) + "}",
         r"\toprule",
-        "Method & " + " & ".join(latex_escape(c.header) for c in cols) + r" \\",
+        "Method & " + " & ".join(latex_escape(c.header + c.sub) for c in cols) + r" \\",
     ]
     group = None
     for pos, (_, row) in enumerate(block.frame.iterrows()):
@@ -113,7 +121,7 @@ def block_latex(block: TableBlock) -> str:
             lines.append(r"\midrule")
         cells = []
         for c in cols:
-            text = latex_escape(format_value(row[c.key], c.fmt))
+            text = latex_escape(_with_plusminus(format_value(row[c.key], c.fmt), row, c, block))
             cells.append(rf"\textbf{{{text}}}" if (pos, c.key) in block.bold else text)
         label = latex_escape(row["label"])
         if row.get("source") == "paper":
@@ -141,7 +149,8 @@ def blocks_frame(blocks: list[TableBlock]) -> pd.DataFrame:
     frames = []
     for block in blocks:
         keep = [c for c in block.csv_extra if c in block.frame.columns]
-        frame = block.frame[keep + [c.key for c in block.columns]].copy()
+        after = [c for c in block.csv_after if c in block.frame.columns]
+        frame = block.frame[keep + [c.key for c in block.columns] + after].copy()
         frame = frame.rename(columns={c.key: c.header for c in block.columns})
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

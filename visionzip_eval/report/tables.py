@@ -14,6 +14,7 @@ import pandas as pd
 
 from visionzip_eval import roofline
 from visionzip_eval import benchmarks as B
+from visionzip_eval.report import stats
 from visionzip_eval.report.collect import Results
 from visionzip_eval.noise import noise_summary
 from visionzip_eval.benchmarks.paper import (
@@ -34,6 +35,7 @@ class TableOptions:
     pope_metric: str = "f1"
     mme: str = "perception"
     paper: bool = True
+    intervals: bool = False  # md/tex cells as "score ± half-width" of the 95% interval (the CSV always has them)
 
     def __post_init__(self) -> None:
         if self.pope_metric not in POPE_METRICS:
@@ -48,6 +50,7 @@ class Column:
     header: str
     fmt: str  # score_pct, score_pts, avg, delta, int, ms, ms_sig, ratio, gib, tflops, speedup, seconds
     better: str | None = None  # "max", "min" or None (never bold)
+    sub: str = ""  # shown after the header in Markdown/LaTeX only (the sample size: " (n=240)")
 
 
 @dataclass
@@ -61,6 +64,8 @@ class TableBlock:
     notes: list[str] = field(default_factory=list)
     bold: set[tuple[int, str]] = field(default_factory=set)
     csv_extra: list[str] = field(default_factory=list)  # identity columns written to the CSV
+    csv_after: list[str] = field(default_factory=list)  # written to the CSV after the columns (n, intervals)
+    plusminus: dict[str, str] = field(default_factory=dict)  # column key -> its half-width column (md/tex)
 
 
 # -- scores ----------------------------------------------------------------------------------------
@@ -171,7 +176,12 @@ def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.
         metrics = dict(zip(run["metric"], run["score"]))
         score, metric = _pick(metrics, first["benchmark"], options)
         facts = samples.get(first["path"], no_samples)
+        units = stats.run_units(first["path"], first["task"], first["benchmark"], metric)
+        ci = stats.interval(units) if units is not None else None
         rows.append(dict(
+            units=units, n=ci.n if ci else math.nan, unit=units.unit if units else None,
+            ci_low=ci.low if ci else math.nan, ci_high=ci.high if ci else math.nan,
+            limit=first["limit"],
             run_id=first["run_id"], model=first["model"], pretrained=first["pretrained"],
             method=first["method"], budget=first["budget"], budget_total=first["budget_total"],
             task=first["task"], benchmark=first["benchmark"], seed=first["seed"],
@@ -271,7 +281,8 @@ def _budget_groups(cells: pd.DataFrame, bench_keys: list[str]) -> dict[float, di
         group = groups.setdefault(key, dict(rows=[], tokens=[], is_full=budget == "full", total=total))
         group["tokens"].extend(rows["tokens_per_image"].dropna().tolist())
         scores = {b: float(mean.get((method, budget, b), math.nan)) for b in bench_keys}
-        group["rows"].append(dict(method=method, budget=budget, budget_total=total, scores=scores))
+        group["rows"].append(dict(method=method, budget=budget, budget_total=total, scores=scores,
+                                  stats=_cell_stats(rows, bench_keys)))
     return groups
 
 
@@ -291,10 +302,12 @@ def _best_in_group(records: list[dict], start: int, columns: list[str]) -> set[t
 
 
 def _score_notes(cells: pd.DataFrame, options: TableOptions, bench_keys: list[str], full_cells: dict,
-                 at_chance: dict, partial_rows: list[str], has_paper: bool) -> list[str]:
+                 at_chance: dict, partial_rows: list[str], has_paper: bool, labels: list[str]) -> list[str]:
     """The score table's notes: scales, what Avg is over and leaves out, seeds, bold, ‡, paper."""
     avg_keys = [b for b in bench_keys if b not in at_chance]
-    notes = ["Scales: " + "; ".join(_scale_text(b, options, cells) for b in bench_keys) + "."]
+    notes = [note for note in [limit_caption(cells)] if note]
+    notes.append("Scales: " + "; ".join(_scale_text(b, options, cells) for b in bench_keys) + ".")
+    notes.append(n_note(cells, bench_keys, options.intervals))
     notes.append(
         "Avg: mean over the benchmarks of score / the same model's full-budget score, in %; "
         "'–' where a full-budget score is 0 or missing (retention is undefined)."
@@ -314,6 +327,11 @@ def _score_notes(cells: pd.DataFrame, options: TableOptions, bench_keys: list[st
     if (counts > 1).any():
         notes.append(f"Cells are means over runs (seeds): up to {int(counts.max())} per cell.")
     notes.append("Bold (LaTeX, Markdown): best per column within a budget group among measured reduced rows.")
+    if any("(in-LLM" in str(label) for label in labels):
+        notes.append(
+            "(in-LLM): the method prunes inside the LLM, so every visual token enters it and the row's token count is "
+            "what its layers keep after the last pruning layer (the efficiency table's 'Visual tokens in' and "
+            "'kept'); its prefill is not that of a pre-LLM method at the same count.")
     tuned = cells["method"].astype(str).str.endswith(B.TUNED_MARK)
     if tuned.any():
         sources = "; ".join(f"{source}: tuned under {tuned_as}" for source, tuned_as in sorted(
@@ -344,6 +362,7 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     full_tokens = float(full_tokens.iloc[0]) if len(full_tokens) else math.nan
 
     full_cells = untuned[untuned["budget"] == "full"].groupby("benchmark")["score"].mean().to_dict()
+    full_stats = _cell_stats(untuned[untuned["budget"] == "full"], bench_keys)
     at_chance = chance_exclusions(untuned)
     avg_keys = [b for b in bench_keys if b not in at_chance]  # the benchmarks Avg is over
     groups = _budget_groups(cells, bench_keys)
@@ -392,6 +411,8 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
                 method=row["method"], budget=row["budget"], source="measured",
                 label=_row_label(row["method"], row["budget"], row["budget_total"]),
                 **{b: row["scores"][b] for b in bench_keys}, Avg=avg, delta=delta,
+                **{k: v for k, v in row["stats"].items() if k != "units"},
+                **_avg_interval(row["stats"], full_stats, avg_keys),
             ))
         for prow in group_paper:
             scores = {b: float(prow[b]) if b in prow and not pd.isna(prow[b]) else math.nan for b in bench_keys}
@@ -412,7 +433,8 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
 
     frame = pd.DataFrame(records)
     columns = [
-        Column(b, B.get(b).name if B.get(b) else b, "score_pts" if b == "MME" else "score_pct", "max")
+        Column(b, B.get(b).name if B.get(b) else b, "score_pts" if b == "MME" else "score_pct", "max",
+               sub=_n_header(frame, b))
         for b in bench_keys
     ]
     columns.append(Column("Avg", "Avg", "avg", "max"))
@@ -420,12 +442,92 @@ def _model_score_table(model: str, cells: pd.DataFrame, options: TableOptions) -
     if has_paper:
         columns.append(Column("delta", "Δ Avg vs paper (pp)", "delta", None))
 
-    notes = _score_notes(cells, options, bench_keys, full_cells, at_chance, partial_rows, has_paper)
+    notes = _score_notes(cells, options, bench_keys, full_cells, at_chance, partial_rows, has_paper,
+                         list(frame["label"]))
     title = f"{model}" + (f" ({pretrained})" if pretrained and pretrained != model else "")
+    limit = _limit_of(cells)
+    if limit is not None:
+        title += f" (limit {limit}: for testing, not for comparison)"
+    after = [f"{b} {k}" for b in bench_keys for k in ("n", "low", "high")] + ["Avg low", "Avg high"]
+    for column in after:
+        if column not in frame:
+            frame[column] = math.nan
+    plusminus = {}
+    if options.intervals:
+        for key in [*bench_keys, "Avg"]:
+            frame[f"{key} ±"] = (frame[f"{key} high"] - frame[f"{key} low"]) / 2
+            plusminus[key] = f"{key} ±"
     return TableBlock(
         title=title, frame=frame, columns=columns, notes=notes, bold=bold,
         csv_extra=["model", "pretrained", "group", "tokens", "token_ratio", "method", "budget", "source", "label"],
+        csv_after=after, plusminus=plusminus,
     )
+
+
+# -- sample sizes and intervals (report/stats.py) --------------------------------------------------
+
+
+def _cell_stats(rows: pd.DataFrame, bench_keys: list[str]) -> dict:
+    """``<bench> n/low/high`` of one (method, budget)'s runs, and their scoring units under
+    ``units`` (one run per benchmark: with several seeds a cell is a mean and gets no interval)."""
+    out: dict = {"units": {}}
+    for key in bench_keys:
+        mine = rows[rows["benchmark"] == key] if "n" in rows else rows.iloc[0:0]
+        one = len(mine) == 1
+        out[f"{key} n"] = float(mine["n"].iloc[0]) if one else (float(mine["n"].sum()) if len(mine) else math.nan)
+        out[f"{key} low"] = float(mine["ci_low"].iloc[0]) if one else math.nan
+        out[f"{key} high"] = float(mine["ci_high"].iloc[0]) if one else math.nan
+        out["units"][key] = mine["units"].iloc[0] if one else None
+    return out
+
+
+def _avg_interval(row_stats: dict, full_stats: dict, avg_keys: list[str]) -> dict:
+    pairs = [(row_stats["units"].get(k), full_stats["units"].get(k)) for k in avg_keys]
+    if not pairs or any(r is None or f is None for r, f in pairs):
+        return {"Avg low": math.nan, "Avg high": math.nan}
+    _, low, high = stats.retention_interval(pairs)
+    return {"Avg low": low, "Avg high": high}
+
+
+def _limit_of(cells: pd.DataFrame):
+    limits = sorted({int(v) for v in cells.get("limit", pd.Series(dtype=float)).dropna()})
+    return None if not limits else limits[0] if len(limits) == 1 else "/".join(map(str, limits))
+
+
+def limit_caption(cells: pd.DataFrame) -> str:
+    """"limit 20 (n=20 per benchmark): for testing, not for comparison" for a limited run."""
+    limit = _limit_of(cells)
+    if limit is None:
+        return ""
+    ns = {b: sorted({int(v) for v in rows["n"].dropna()}) for b, rows in cells.groupby("benchmark", sort=False)}
+    units = {b: next((u for u in rows["unit"] if u), "questions") for b, rows in cells.groupby("benchmark")}
+    same = {tuple(v) for v in ns.values()}
+    if len(same) == 1 and len(next(iter(same))) == 1 and set(units.values()) == {"questions"}:
+        what = f"n={next(iter(same))[0]} per benchmark"
+    else:
+        what = "n: " + ", ".join(f"{b} {'/'.join(map(str, v)) or '?'} {units[b]}"
+                                 for b, v in sorted(ns.items(), key=lambda kv: B.sort_key(kv[0])))
+    return f"limit {limit} ({what}): for testing, not for comparison."
+
+
+def _n_header(frame: pd.DataFrame, key: str) -> str:
+    """" (n=240)" for a column whose measured cells all count the same units; a range otherwise."""
+    column = f"{key} n"
+    values = sorted({int(v) for v in frame[column].dropna()}) if column in frame else []
+    if not values:
+        return ""
+    return f" (n={values[0]})" if len(values) == 1 else f" (n={values[0]}-{values[-1]})"
+
+
+def n_note(cells: pd.DataFrame, bench_keys: list[str], plusminus: bool) -> str:
+    units = {b: next((u for u in cells.loc[cells["benchmark"] == b, "unit"] if u), None) for b in bench_keys}
+    counted = "; ".join(f"{B.get(b).name if B.get(b) else b}: {u}" for b, u in units.items() if u)
+    text = ("n: the units each score averages over, per benchmark cell (" + (counted or "no samples file") + "); "
+            "the CSV has every cell's n and its 95% interval (`<benchmark> low/high`, `Avg low/high`): Wilson for "
+            "proportions, else a bootstrap over the units (docs/statistics.md).")
+    if plusminus:
+        text += " Cells read score ± half-width of that interval."
+    return text
 
 
 # -- efficiency ------------------------------------------------------------------------------------
