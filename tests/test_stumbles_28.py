@@ -1,0 +1,232 @@
+"""Issue #28, items 5 and 6: `visionzip-eval lmms` judged by the files lmms-eval wrote, the adapter's
+MME pair rule, and the stumbles a new user met (Ctrl-C, a closed pipe, a taken port, ...)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from visionzip_eval.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "visionzip-eval: error: "
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(PREFIX)]
+
+
+# -- visionzip-eval lmms ----------------------------------------------------------------------------
+
+STUB = '''
+import json, os, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+out = Path(args[args.index("--output_path") + 1])
+mode = os.environ["STUB_MODE"]
+print("stub lmms-eval running", flush=True)
+if mode == "raise":  # what lmms-eval does with an exception from the model: traceback, exit 0
+    try:
+        raise ValueError("unknown method 'bogus': choose one of visionzip")
+    except ValueError:
+        import traceback
+        traceback.print_exc()
+    sys.exit(0)
+if mode == "exit3":
+    sys.exit(3)
+results = {"results": {"t1": {"alias": "t1", "acc,none": 0.5}}, "configs": {"t1": {}}, "group_subtasks": {"t1": []}}
+if mode == "unscored":
+    results["results"]["t1"] = {"alias": "t1"}
+(out / "m").mkdir(parents=True, exist_ok=True)
+(out / "m" / ("%s_results.json" % os.environ.get("STUB_STAMP", "1"))).write_text(json.dumps(results))
+'''
+
+
+@pytest.fixture
+def stub_lmms(tmp_path, monkeypatch):
+    """A stand-in `lmms_eval` package (its __main__ acts out STUB_MODE) first on the child's path."""
+    package = tmp_path / "stub" / "lmms_eval"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(STUB)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "stub"), str(REPO)]))
+
+    def run(mode, capfd, tasks="t1", stamp="1"):
+        monkeypatch.setenv("STUB_MODE", mode)
+        monkeypatch.setenv("STUB_STAMP", stamp)
+        code = main(["lmms", "--model", "visionzip", "--tasks", tasks, "--output_path", str(tmp_path / "out")])
+        return code, capfd.readouterr()
+
+    return run
+
+
+def test_lmms_passes_a_clean_run(stub_lmms, capfd):
+    code, out = stub_lmms("ok", capfd)
+    assert code == 0, out
+    assert "stub lmms-eval running" in out.out  # lmms-eval's own output passes through
+    assert error_lines(out.err) == []
+
+
+def test_lmms_fails_on_a_swallowed_exception_in_one_line(stub_lmms, capfd):
+    code, out = stub_lmms("raise", capfd)
+    assert code == 1
+    assert "Traceback" not in out.err and 'File "' not in out.err
+    (line,) = error_lines(out.err)
+    assert "wrote no results file" in line and "ValueError: unknown method 'bogus'" in line
+    assert "--verbosity DEBUG" in line
+
+
+def test_lmms_fails_on_a_task_missing_or_unscored(stub_lmms, capfd):
+    code, out = stub_lmms("ok", capfd, tasks="t1,t2")
+    assert code == 1 and "without t2" in error_lines(out.err)[0]
+    code, out = stub_lmms("unscored", capfd, stamp="2")
+    assert code == 1 and "no metric for t1" in error_lines(out.err)[0]
+
+
+def test_lmms_does_not_take_an_old_results_file_for_this_run(stub_lmms, capfd):
+    assert stub_lmms("ok", capfd)[0] == 0
+    code, out = stub_lmms("raise", capfd)  # the earlier run's file is still there
+    assert code == 1 and "wrote no results file" in error_lines(out.err)[0]
+
+
+def test_lmms_nonzero_exit_is_a_failure(stub_lmms, capfd):
+    code, out = stub_lmms("exit3", capfd)
+    assert code == 1 and "exited with status 3" in error_lines(out.err)[0]
+
+
+def test_lmms_needs_output_path_before_starting_anything(capsys):
+    assert main(["lmms", "--model", "visionzip", "--tasks", "pope"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(PREFIX) and "add --output_path DIR" in line
+
+
+def test_traceback_filter_keeps_the_rest_and_the_last_exception():
+    from visionzip_eval.lmms.cli_run import TracebackFilter
+
+    kept = []
+    sink = TracebackFilter(kept.append)
+    text = ("before\n" "Traceback (most recent call last):\n" '  File "x.py", line 1, in <module>\n'
+            "    f()\n" "KeyError: 'a'\n" "\n" "During handling of the above exception, another exception occurred:\n"
+            "\n" "Traceback (most recent call last):\n" '  File "y.py", line 2\n' "ValueError: bad\n"
+            "progress 50%\r" "progress 100%\r\n" "after\n")
+    for part in text.splitlines(keepends=True):
+        sink.feed(part)
+    assert kept == ["before\n", "progress 50%\r", "progress 100%\r\n", "after\n"]
+    assert sink.last_exception == "ValueError: bad"
+
+
+def _real_lmms(tmp_path, method, task="visionzip_synth_pope", limit="4"):
+    return main(["lmms", "--model", "visionzip", "--model_args", f"pretrained=builtin:tiny-llava-synth,method={method}",
+                 "--tasks", task, "--include_path", str(REPO / "tasks"), "--limit", limit,
+                 "--output_path", str(tmp_path / "out")])
+
+
+@pytest.mark.slow
+def test_lmms_real_run_with_a_bogus_method_fails_in_one_line(tmp_path, capfd):
+    assert _real_lmms(tmp_path, "bogus") == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    (line,) = error_lines(err)
+    assert "unknown method 'bogus'" in line
+
+
+@pytest.mark.slow
+def test_lmms_real_run_passes_and_writes_results(tmp_path, capfd):
+    assert _real_lmms(tmp_path, "visionzip") == 0
+    (results,) = (tmp_path / "out").rglob("*_results.json")
+    assert json.loads(results.read_text())["results"]["visionzip_synth_pope"]["pope_accuracy,none"] >= 0
+    assert error_lines(capfd.readouterr().err) == []
+
+
+@pytest.mark.slow
+def test_lmms_real_run_refuses_an_odd_mme_limit(tmp_path, capfd):
+    assert _real_lmms(tmp_path, "visionzip", task="visionzip_smoke_mme", limit="3") == 1
+    (line,) = error_lines(capfd.readouterr().err)
+    assert "MME scores its questions in pairs" in line and "visionzip_smoke_mme: 3" in line
+
+
+def test_adapter_refuses_odd_mme_before_any_request(tmp_path):
+    from helpers import generate_requests
+
+    from visionzip_eval.lmms.adapter import VisionZipLMM
+    from visionzip_eval.testing import build_tiny_llava
+
+    lm = VisionZipLMM(model=build_tiny_llava(seed=0), output_dir=str(tmp_path), warmup=1, budget=64)
+    lm.engine.generate = lambda *a, **k: pytest.fail("a request was answered")
+    requests = generate_requests([0, 1, 2], task="visionzip_smoke_mme") + generate_requests([0], task="pope")
+    with pytest.raises(ValueError, match=r"MME scores its questions in pairs .*\(visionzip_smoke_mme: 3\): use an even --limit"):
+        lm.generate_until(requests)
+
+
+# -- stumbles -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    import visionzip_eval.loading
+
+    monkeypatch.setattr(visionzip_eval.loading, "load_pretrained",
+                        lambda *a, **k: pytest.fail("a model was loaded before the error"))
+
+
+@pytest.mark.parametrize("command, hint", [("sweep", "interrupted: re-run the same command to resume"),
+                                           ("methods", "interrupted")])
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys, command, hint):
+    import visionzip_eval.methods
+    import visionzip_eval.sweep
+    import visionzip_eval.sweep.tasks
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(visionzip_eval.sweep, "run_sweep", interrupt)
+    monkeypatch.setattr(visionzip_eval.sweep.tasks, "check_tasks", lambda *a, **k: None)
+    monkeypatch.setattr(visionzip_eval.methods, "list_methods", interrupt)
+    config = tmp_path / "s.yaml"
+    config.write_text(f"name: t\nmodels: [{{name: tiny, pretrained: 'builtin:tiny-llava'}}]\nbudgets: [64]\n"
+                      f"tasks: [visionzip_smoke_pope]\noutput_dir: {tmp_path / 'out'}\n")
+    argv = ["sweep", str(config), "--quiet"] if command == "sweep" else ["methods"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == hint
+
+
+def test_methods_into_a_closed_pipe_is_silent():
+    """`visionzip-eval methods | head`: the reader is gone before the table is written."""
+    read, write = os.pipe()
+    os.close(read)
+    child = subprocess.run([sys.executable, "-m", "visionzip_eval.cli", "methods", "--json"], stdout=write,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    os.close(write)
+    assert child.stderr == ""
+    assert child.returncode == 141  # 128 + SIGPIPE, as a process the pipe ended
+
+
+def test_app_port_taken_names_port_before_the_model_loads(capsys, no_model_loads):
+    import socket
+
+    pytest.importorskip("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(PREFIX) and f"127.0.0.1:{port}" in line and "--port" in line
+    assert "server_port" not in line
+
+
+def test_visualize_out_under_a_file_is_one_line_error(tmp_path, capsys, no_model_loads):
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    (tmp_path / "afile").write_text("x")
+    assert main(["visualize", str(image), "--out", str(tmp_path / "afile" / "x.png")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(PREFIX) and "--out" in line and "afile" in line and "is a file" in line
