@@ -342,3 +342,11 @@ def test_report_labels_runs_of_a_tuned_checkpoint_with_the_double_dagger(tmp_pat
     assert dagger["group"] == plain["group"] and dagger["GQA"] == pytest.approx(plain["GQA"] * 1.02)
     assert dagger["Avg"] > plain["Avg"]  # against the untuned model's full budget
     assert any("‡" in note and "visionzip-eval tune" in note for note in block.notes)
+
+
+def test_final_loss_is_the_last_steps_even_between_logging_steps(dataset_dir, tmp_path):
+    """`tune --max-steps 1` with the default --logging-steps 10 printed "final loss None"."""
+    record = tune(options(dataset_dir, tmp_path / "one", max_steps=1, logging_steps=10), log=lambda _: None)
+    assert record["steps"] == 1 and math.isfinite(record["final_loss"])
+    assert record["loss_history"][-1] == {"step": 1, "loss": record["final_loss"]}
+    assert read_tuning(tmp_path / "one")["final_loss"] == record["final_loss"]
