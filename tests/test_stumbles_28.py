@@ -230,3 +230,29 @@ def test_visualize_out_under_a_file_is_one_line_error(tmp_path, capsys, no_model
     assert main(["visualize", str(image), "--out", str(tmp_path / "afile" / "x.png")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(PREFIX) and "--out" in line and "afile" in line and "is a file" in line
+
+
+@pytest.mark.parametrize("key, where, guess", [("budget", "budget", "budgets"),
+                                               ("models.0.pretraind", "models.0.pretraind", "pretrained"),
+                                               ("lmms_eval.gen_kwarg", "lmms_eval.gen_kwarg", "gen_kwargs"),
+                                               ("zzzz", "zzzz", None)])
+def test_config_key_typo_suggests_the_close_key(tmp_path, capsys, key, where, guess):
+    import yaml
+
+    config = {"name": "t", "models": [{"name": "tiny", "pretrained": "builtin:tiny-llava"}], "budgets": [64],
+              "tasks": ["visionzip_smoke_pope"], "output_dir": str(tmp_path / "out"), "lmms_eval": {}}
+    parts = key.split(".")
+    if parts[0] == "budget":
+        del config["budgets"]
+    if parts[0] == "models":
+        config["models"][0]["pretraind"] = config["models"][0].pop("pretrained")
+    elif len(parts) == 2:
+        config[parts[0]][parts[1]] = "x"
+    else:
+        config[parts[0]] = [64]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{where}: unknown key" in line
+    assert (f"did you mean {guess}?" in line) if guess else ("did you mean" not in line)
