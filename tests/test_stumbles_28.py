@@ -256,3 +256,32 @@ def test_config_key_typo_suggests_the_close_key(tmp_path, capsys, key, where, gu
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"{where}: unknown key" in line
     assert (f"did you mean {guess}?" in line) if guess else ("did you mean" not in line)
+
+
+def _probe(time_s, gflops, busy_s, own_s=0.0):
+    return {"time": time_s, "matmul_gflops": gflops, "copy_gbs": 1.0, "cores": 2, "system_busy_s": busy_s,
+            "own_cpu_s": own_s}
+
+
+@pytest.mark.parametrize("probes, noisy, why", [
+    ([_probe(0, 50, 0), _probe(0, 50, 0), _probe(10, 48, 2, 1)], False, ""),
+    ([_probe(0, 50, 0), _probe(0, 50, 0), _probe(10, 50, 16, 1)], True, "other processes used 75% of the cores"),
+    ([_probe(0, 50, 0), _probe(0, 50, 0), _probe(10, 20, 1, 1)], True, "matmul probe after at 0.40x the one before"),
+])
+def test_bench_prefill_flags_a_noisy_machine(monkeypatch, capsys, probes, noisy, why):
+    import visionzip_eval.bench
+    import visionzip_eval.profiling
+
+    row = dict(method="none", budget="full", visual_tokens=576, visual_tokens_after_pruning=576, prompt_tokens=600,
+               vision_ms=1.0, prefill_ms=1000.0, prefill_ms_min=900.0, prefill_ms_max=1100.0, ttft_ms=1001.0,
+               prefill_tflops=1.0, prefill_speedup=1.0, flops_predicted_speedup=1.0, ttft_speedup=1.0)
+    monkeypatch.setattr(visionzip_eval.bench, "bench_prefill", lambda **kwargs: [row])
+    monkeypatch.setattr(visionzip_eval.profiling, "machine_probe", lambda device="cpu": probes.pop(0))
+    snapshot = list(probes)
+    assert main(["bench", "prefill", "--tiny", "--quiet", "--json"]) == 0
+    (printed,) = json.loads(capsys.readouterr().out)
+    assert (printed["noisy"], printed["noise"]) == (noisy, why)
+    probes[:] = snapshot
+    assert main(["bench", "prefill", "--tiny", "--quiet"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("NOISY machine: " + why) if noisy else last.startswith("machine quiet")

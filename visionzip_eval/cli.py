@@ -59,26 +59,37 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_tower(args: argparse.Namespace) -> int:
-    from visionzip_eval.bench import CLIP_L, bench_tower, format_tower_rows
+    from visionzip_eval.bench import CLIP_L, bench_tower, format_tower_rows, noise_guarded
 
     sizes = CLIP_L if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
-    rows = bench_tower(
+    rows, guard = noise_guarded(lambda: bench_tower(
         batch_sizes=tuple(args.batch), repeats=args.repeats, sizes=sizes, progress=progress
-    )
-    print(json.dumps(rows, indent=2) if args.json else format_tower_rows(rows))
+    ))
+    _print_bench(args, rows, guard, format_tower_rows)
     return 0
 
 
+def _print_bench(args: argparse.Namespace, rows: list[dict], guard: dict, formatter) -> None:
+    """The rows (each carrying the machine's noisy flag in JSON) or the table and the flag's line."""
+    from visionzip_eval.bench import format_noise
+
+    if args.json:
+        print(json.dumps([dict(row, noisy=guard["noisy"], noise=guard["noise"]) for row in rows], indent=2))
+    else:
+        print(formatter(rows))
+        print(format_noise(guard))
+
+
 def _cmd_bench_prefill(args: argparse.Namespace) -> int:
-    from visionzip_eval.bench import bench_prefill, format_prefill_rows
+    from visionzip_eval.bench import bench_prefill, format_prefill_rows, noise_guarded
 
     # --tiny: a 4-layer LLM, deep enough for the in-LLM methods' default layers (FastV's K=2)
     sizes = None if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4, text_layers=4)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
-    rows = bench_prefill(budgets=tuple(args.budgets), repeats=args.repeats, sizes=sizes, progress=progress,
-                         methods=tuple(args.methods))
-    print(json.dumps(rows, indent=2) if args.json else format_prefill_rows(rows))
+    rows, guard = noise_guarded(lambda: bench_prefill(budgets=tuple(args.budgets), repeats=args.repeats, sizes=sizes,
+                                                      progress=progress, methods=tuple(args.methods)))
+    _print_bench(args, rows, guard, format_prefill_rows)
     return 0
 
 
