@@ -285,3 +285,64 @@ def test_bench_prefill_flags_a_noisy_machine(monkeypatch, capsys, probes, noisy,
     assert main(["bench", "prefill", "--tiny", "--quiet"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("NOISY machine: " + why) if noisy else last.startswith("machine quiet")
+
+
+def _requests(kind="process_peak_rss"):
+    import pandas as pd
+
+    rows = []
+    for method, budget, tokens, ms in [("none", "full", 576, 100.0), ("visionzip", "64", 64, 20.0),
+                                       ("random", "64", 64, 20.0), ("visionzip", "128", 128, 40.0),
+                                       ("random", "128", 128, 41.0)]:
+        for i in range(3):
+            rows.append(dict(model="tiny", method=method, budget=budget, tokens_per_image=tokens, prefill_ms=ms,
+                             prefill_roofline_ms=ms / (4 if method == "random" and budget == "128" else 2),
+                             ttft_ms=ms + 1, ttft_roofline_ms=(ms + 1) / 2, roofline_device="cpu",
+                             roofline_tflops=0.1, peak_memory_bytes=(1 + i + tokens / 576) * 2**30,
+                             peak_memory_kind=kind))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def figure_of(monkeypatch, tmp_path):
+    """Draw one plot function on a hand-made request frame; return its figure (not saved)."""
+    import visionzip_eval.report.plots as plots
+
+    def draw(plot, requests):
+        figures = []
+        monkeypatch.setattr(plots, "_image_requests", lambda results: requests)
+        monkeypatch.setattr(plots, "_save", lambda fig, directory, stem: figures.append(fig) or [])
+        plot(None, tmp_path)
+        return figures[0]
+
+    return draw
+
+
+def test_roofline_labels_of_coinciding_methods_do_not_overprint(figure_of):
+    from visionzip_eval.report.plots import plot_roofline
+
+    fig = figure_of(plot_roofline, _requests())
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
+        # visionzip and random at 64 share their point and ratio: one "2.0×" there, not two on top
+        assert [text for text, _ in labels].count("2.0×") == 3, labels
+        for i, (_, a) in enumerate(labels):
+            for _, b in labels[i + 1:]:
+                assert not a.overlaps(b), labels
+    assert any(t.get_text() == "4.0×" for t in fig.axes[0].texts)  # random at 128: its own label, stacked
+
+
+@pytest.mark.parametrize("kind, lines", [("process_peak_rss", False), ("cuda_max_allocated", True)])
+def test_memory_draws_no_trend_through_peak_rss(figure_of, kind, lines):
+    from visionzip_eval.report.plots import plot_memory
+
+    fig = figure_of(plot_memory, _requests(kind))
+    (ax,) = fig.axes
+    drawn = [line for line in ax.get_lines() if len(line.get_xdata()) > 1 and line.get_linestyle() not in ("None", "none", "")]
+    assert bool(drawn) == lines
+    assert len([line for line in ax.get_lines() if line.get_marker() not in (None, "None", "")]) >= 3  # points stay
