@@ -346,3 +346,63 @@ def test_memory_draws_no_trend_through_peak_rss(figure_of, kind, lines):
     drawn = [line for line in ax.get_lines() if len(line.get_xdata()) > 1 and line.get_linestyle() not in ("None", "none", "")]
     assert bool(drawn) == lines
     assert len([line for line in ax.get_lines() if line.get_marker() not in (None, "None", "")]) >= 3  # points stay
+
+
+@pytest.mark.parametrize("method", ["divprune", "vispruner", "random"])
+def test_visualize_draws_any_pre_llm_methods_selection(tiny, method):
+    import numpy as np
+
+    from visionzip_eval.methods.registry import MethodSpec
+    from visionzip_eval.testing import sample_images
+    from visionzip_eval.visualize import DOMINANT_OUTLINE, selection_panel, visualize
+
+    model, processor = tiny
+    image = sample_images()["astronaut"]
+    sheet, (view,) = visualize(model, processor, image, [64], method=method)
+    pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    selection = MethodSpec.parse(method).build(64, seed=0).select(model, pixel_values)
+    assert set(np.flatnonzero(view.dominant).tolist()) == set((selection.dominant_index[0] - 1).tolist())
+    assert int(view.dominant.sum()) == 64 and not view.target.any()
+    panel = selection_panel(view)
+    r, c = map(int, np.argwhere(view.dominant)[0])
+    assert tuple(panel[r * 14, c * 14 + 7]) == DOMINANT_OUTLINE
+    assert sheet.width == 2 * 336 + 8
+
+
+def test_visualize_method_in_llm_or_poolers_refused_in_one_line(tmp_path, capsys, no_model_loads, tiny):
+    from PIL import Image
+
+    from visionzip_eval.visualize import selection_map
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    assert main(["visualize", str(image), "--method", "fastv"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(PREFIX) and "fastv prunes inside the LLM" in line and "--kind pre-llm" in line
+    with pytest.raises(ValueError, match="pool keeps no individual patches"):
+        selection_map(*tiny, Image.new("RGB", (50, 50)), 64, method="pool")
+
+
+def test_selection_tints_only_the_selected_patches(tiny):
+    """The demo's selection_synth.png was a mosaic: every merged patch tinted, the scene hidden."""
+    import numpy as np
+
+    from visionzip_eval.testing import sample_images
+    from visionzip_eval.visualize import selection_panel, visualize
+
+    _, (view,) = visualize(*tiny, sample_images()["astronaut"], [64])
+    panel = selection_panel(view).astype(int)
+    rows, cols = view.grid
+
+    def saturation(r, c):
+        block = panel[r * 14 + 3: r * 14 + 11, c * 14 + 3: c * 14 + 11]
+        original = view.pixels[r * 14 + 3: r * 14 + 11, c * 14 + 3: c * 14 + 11].astype(int)
+        return (block.max(-1) - block.min(-1)).mean(), (original.max(-1) - original.min(-1)).mean()
+
+    merged = [(r, c) for r in range(rows) for c in range(cols) if not view.dominant[r, c] and not view.target[r, c]]
+    assert len(merged) == rows * cols - 53 - 10
+    for r, c in merged:  # dimmed toward grey: never more colourful than the image was
+        shown, original = saturation(r, c)
+        assert shown <= original + 1e-9
+    targets = [tuple(map(int, rc)) for rc in np.argwhere(view.target)]
+    assert len(targets) == 10 and any(saturation(r, c)[0] > saturation(r, c)[1] + 20 for r, c in targets)

@@ -286,6 +286,12 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot read image {args.image}: {error}") from error
     if args.out:  # before the model loads: a file where a folder should be, an unwritable folder
         _ensure_writable(Path(args.out).parent, "--out", "pass an --out path in a folder you can write to")
+    if not args.redundancy:  # an unknown or in-LLM method, a bad budget: before the model loads
+        from visionzip_eval.visualize import drawable
+
+        for budget in [b.strip() for b in args.budget.split(",") if b.strip()]:
+            if budget != "full":  # refused by visualize itself, with its own reason
+                drawable(args.method, budget)
     model, processor = _load_model(args.model)
     if args.redundancy:
         from visionzip_eval.redundancy import redundancy_figure, tower_redundancy
@@ -299,8 +305,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
               + ", ".join(f"{100 * share:.0f}%" for share in stats.top_share) + ")")
         return 0
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
-    sheet, _ = visualize(model, processor, image, budgets)
-    out = args.out or f"{Path(args.image).stem}_visionzip.png"
+    sheet, _ = visualize(model, processor, image, budgets, args.method)
+    out = args.out or f"{Path(args.image).stem}_{args.method.split(',')[0]}.png"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     print(f"selection picture ({sheet.width}x{sheet.height}) written to {out}")
@@ -337,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", help="an image file")
     p.add_argument("--budget", default="64", help="one budget or several, comma-separated: 192,128,64")
+    p.add_argument("--method", default="visionzip",
+                   help="a registered pre-LLM method whose selection to draw, options after commas "
+                   "(visionzip-eval methods --kind pre-llm; default: visionzip)")
     p.add_argument("--model", default="builtin:tiny-llava-synth",
                    help="builtin:tiny-llava-synth (default: the tiny trained model), builtin:tiny-llava (random "
                    "weights), or a supported checkpoint (folder or hub id)")
