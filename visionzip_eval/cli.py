@@ -269,7 +269,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
     model, processor = _load_model(args.model)
     _, scenes = build_docs("pope", n_scenes=4)
-    page = build_app(model, processor, examples=[render(scene)[0] for scene in scenes])
+    page = build_app(model, processor, examples=[render(scene)[0] for scene in scenes], model_name=args.model)
     page.launch(server_name=args.host, server_port=args.port)
     return 0
 
