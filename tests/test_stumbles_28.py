@@ -406,3 +406,29 @@ def test_selection_tints_only_the_selected_patches(tiny):
         assert shown <= original + 1e-9
     targets = [tuple(map(int, rc)) for rc in np.argwhere(view.target)]
     assert len(targets) == 10 and any(saturation(r, c)[0] > saturation(r, c)[1] + 20 for r, c in targets)
+
+
+@pytest.mark.slow
+def test_sigint_in_a_real_sweep_prints_one_line_and_the_rerun_resumes(tmp_path):
+    import glob
+    import time
+
+    import yaml
+
+    config = {"name": "t", "models": [{"name": "tiny", "pretrained": "builtin:tiny-llava", "dtype": "float32"}],
+              "methods": ["visionzip"], "budgets": ["full", 64], "tasks": ["visionzip_smoke_pope"],
+              "include_path": str(REPO / "tasks"), "limit": 2, "output_dir": str(tmp_path / "out"),
+              "lmms_eval": {"gen_kwargs": "max_new_tokens=2", "bootstrap_iters": 0, "warmup": 1}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "visionzip_eval.cli", "sweep", str(tmp_path / "s.yaml"), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not glob.glob(str(tmp_path / "out" / "runs" / "*" / "run.log")) and time.time() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err
+    assert err.strip() == "interrupted: re-run the same command to resume"
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "2 planned" in again.stdout
