@@ -145,3 +145,34 @@ def test_send_answers_and_reuses_the_tokens_on_the_next_turn(handlers):
     assert "turn 1: tower ran" in changed[2] and "(image or selection changed: new conversation)" in changed[2]
     with pytest.raises(ValueError, match="ask a question about the image"):
         h.on_send(path, "  ", chosen, True, 0, False, {})
+
+
+def test_header_says_the_default_is_the_tiny_synthetic_model(trained):
+    """It answered "no" to "Is there a person?" on the astronaut photo, and the page never said why."""
+    pytest.importorskip("gradio")
+    from visionzip_eval.demos.app import build_app
+
+    model, processor, _, image = trained
+    page = build_app(model, processor, examples=[image], model_name="builtin:tiny-llava-synth")
+    header = next(block.value for block in page.blocks.values() if type(block).__name__ == "Markdown")
+    assert "builtin:tiny-llava-synth" in header and "trained only on the synthetic scenes" in header
+    assert "knows nothing of real photos" in header and "--model" in header
+    other = build_app(model, processor, model_name="some/folder")
+    header = next(block.value for block in other.blocks.values() if type(block).__name__ == "Markdown")
+    assert "some/folder" in header and "synthetic" not in header
+
+
+def test_sending_with_no_patches_keeps_the_previous_answer(trained, tmp_path):
+    gradio = pytest.importorskip("gradio")
+    from visionzip_eval.demos.app import build_app
+
+    model, processor, _, image = trained
+    path = tmp_path / "scene.png"
+    image.save(path)
+    page = build_app(model, processor)
+    send = next(f.fn for f in page.fns.values() if getattr(f.fn, "__name__", "") == "on_send")
+    answered = send(str(path), "Is there a red circle?", [0, 1, 2], False, 0, False, {})
+    assert isinstance(answered[0], str) and answered[0]
+    with pytest.warns(UserWarning, match="no patches chosen"):
+        kept = send(str(path), "Is there a red circle?", [], False, 0, False, answered[-1])
+    assert len(kept) == 6 and all(update == gradio.skip() for update in kept)  # every output left as it was

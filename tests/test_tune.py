@@ -369,3 +369,11 @@ def test_the_sweep_records_the_checkpoint_tuning_in_run_json_and_the_report_read
     monkeypatch.chdir(tmp_path / "out")
     row = collect(out).iloc[0]
     assert (row["tuned_from"], row["tuned_method"], row["tuned_budget"]) == (PRETRAINED, "visionzip", "64")
+
+
+def test_final_loss_is_the_last_steps_even_between_logging_steps(dataset_dir, tmp_path):
+    """`tune --max-steps 1` with the default --logging-steps 10 printed "final loss None"."""
+    record = tune(options(dataset_dir, tmp_path / "one", max_steps=1, logging_steps=10), log=lambda _: None)
+    assert record["steps"] == 1 and math.isfinite(record["final_loss"])
+    assert record["loss_history"][-1] == {"step": 1, "loss": record["final_loss"]}
+    assert read_tuning(tmp_path / "one")["final_loss"] == record["final_loss"]

@@ -360,3 +360,28 @@ def format_realsize(rows: list[dict], info: dict) -> str:
                                      else "the process's peak RSS, cumulative over the run (the weights dominate; "
                                           "the KV-cache column is what a budget changes)")]
     return "\n".join(lines)
+
+
+def noise_guarded(measure: Callable[[], object], device: str | torch.device = "cpu") -> tuple[object, dict]:
+    """``measure()`` between two machine probes (the sweep's): its result and ``{noisy, noise,
+    machine}``, judged by :func:`visionzip_eval.noise.probe_noise`. Timings taken while other
+    processes were busy or the machine changed speed are flagged, not hidden."""
+    from visionzip_eval.noise import probe_noise
+    from visionzip_eval.profiling import machine_probe, machine_record
+
+    machine_probe(device)  # a process's first probe can read slow (noise.probe_columns): not the machine
+    before = machine_probe(device)
+    result = measure()
+    record = machine_record(before, machine_probe(device))
+    why = probe_noise(record)
+    return result, {"noisy": bool(why), "noise": why, "machine": record}
+
+
+def format_noise(guard: dict) -> str:
+    """One line under a bench's table: quiet, or NOISY and why."""
+    share = guard["machine"].get("other_cpu_share")
+    load = f"other processes used {share:.0%} of the cores" if isinstance(share, (int, float)) else "load unknown"
+    if guard["noisy"]:
+        return (f"NOISY machine: {guard['noise']}: these timings are not comparable with other runs; "
+                "re-run on a quiet machine")
+    return f"machine quiet during the bench ({load}; matmul probe steady)"

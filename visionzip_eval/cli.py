@@ -59,26 +59,37 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_tower(args: argparse.Namespace) -> int:
-    from visionzip_eval.bench import CLIP_L, bench_tower, format_tower_rows
+    from visionzip_eval.bench import CLIP_L, bench_tower, format_tower_rows, noise_guarded
 
     sizes = CLIP_L if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
-    rows = bench_tower(
+    rows, guard = noise_guarded(lambda: bench_tower(
         batch_sizes=tuple(args.batch), repeats=args.repeats, sizes=sizes, progress=progress
-    )
-    print(json.dumps(rows, indent=2) if args.json else format_tower_rows(rows))
+    ))
+    _print_bench(args, rows, guard, format_tower_rows)
     return 0
 
 
+def _print_bench(args: argparse.Namespace, rows: list[dict], guard: dict, formatter) -> None:
+    """The rows (each carrying the machine's noisy flag in JSON) or the table and the flag's line."""
+    from visionzip_eval.bench import format_noise
+
+    if args.json:
+        print(json.dumps([dict(row, noisy=guard["noisy"], noise=guard["noise"]) for row in rows], indent=2))
+    else:
+        print(formatter(rows))
+        print(format_noise(guard))
+
+
 def _cmd_bench_prefill(args: argparse.Namespace) -> int:
-    from visionzip_eval.bench import bench_prefill, format_prefill_rows
+    from visionzip_eval.bench import bench_prefill, format_prefill_rows, noise_guarded
 
     # --tiny: a 4-layer LLM, deep enough for the in-LLM methods' default layers (FastV's K=2)
     sizes = None if not args.tiny else dict(vision_hidden=64, vision_layers=4, vision_heads=4, text_layers=4)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
-    rows = bench_prefill(budgets=tuple(args.budgets), repeats=args.repeats, sizes=sizes, progress=progress,
-                         methods=tuple(args.methods))
-    print(json.dumps(rows, indent=2) if args.json else format_prefill_rows(rows))
+    rows, guard = noise_guarded(lambda: bench_prefill(budgets=tuple(args.budgets), repeats=args.repeats, sizes=sizes,
+                                                      progress=progress, methods=tuple(args.methods)))
+    _print_bench(args, rows, guard, format_prefill_rows)
     return 0
 
 
@@ -224,6 +235,16 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lmms(args: argparse.Namespace) -> int:
+    from visionzip_eval.sweep.lmms_cli import RunFailed, run_lmms_eval
+
+    try:
+        return run_lmms_eval(args.lmms_args)
+    except RunFailed as error:  # the run went wrong (not the command line): exit 1, as regress does
+        print(f"visionzip-eval: error: {error}", file=sys.stderr)
+        return 1
+
+
 def _load_model(name: str):
     """(model, processor) for visualize and app: fp16 on a GPU; the builtin tiny models on the CPU."""
     from visionzip_eval.loading import BUILTIN_PREFIX, load_pretrained, resolve_device, resolve_dtype
@@ -232,18 +253,34 @@ def _load_model(name: str):
     return load_pretrained(name, resolve_dtype("auto", device), device)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """ValueError (one line, naming --port) unless ``host:port`` can be bound, as the server will
+    (SO_REUSEADDR set, so a port in TIME_WAIT counts as free)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise ValueError(f"cannot serve on {host}:{port} ({reason}): pass a free port with --port, "
+                             f"or another address with --host") from None
+
+
 def _cmd_app(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("gradio") is None:
         raise ValueError('the app needs gradio: pip install "visionzip-eval[app]"')
+    _check_port_free(args.host, args.port)  # before the model loads; gradio's advice names its own API
     from visionzip_eval.demos.app import build_app
     from visionzip_eval.synth.benchmark import build_docs
     from visionzip_eval.synth.scenes import render
 
     model, processor = _load_model(args.model)
     _, scenes = build_docs("pope", n_scenes=4)
-    page = build_app(model, processor, examples=[render(scene)[0] for scene in scenes])
+    page = build_app(model, processor, examples=[render(scene)[0] for scene in scenes], model_name=args.model)
     page.launch(server_name=args.host, server_port=args.port)
     return 0
 
@@ -258,6 +295,14 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         image.load()
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read image {args.image}: {error}") from error
+    if args.out:  # before the model loads: a file where a folder should be, an unwritable folder
+        _ensure_writable(Path(args.out).parent, "--out", "pass an --out path in a folder you can write to")
+    if not args.redundancy:  # an unknown or in-LLM method, a bad budget: before the model loads
+        from visionzip_eval.demos.visualize import drawable
+
+        for budget in [b.strip() for b in args.budget.split(",") if b.strip()]:
+            if budget != "full":  # refused by visualize itself, with its own reason
+                drawable(args.method, budget)
     model, processor = _load_model(args.model)
     if args.redundancy:
         from visionzip_eval.demos.redundancy import redundancy_figure, tower_redundancy
@@ -265,13 +310,15 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         pixel_values = processor.image_processor([image.convert("RGB")], return_tensors="pt")["pixel_values"]
         stats = tower_redundancy(model, pixel_values)
         out = args.out or f"{Path(args.image).stem}_redundancy.png"
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         redundancy_figure(stats, image.convert("RGB"), title=f"{Path(args.image).name}: {args.model}").savefig(out, dpi=100)
         print(f"redundancy view written to {out} (top-{stats.top_k} share of CLS attention by layer: "
               + ", ".join(f"{100 * share:.0f}%" for share in stats.top_share) + ")")
         return 0
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
-    sheet, _ = visualize(model, processor, image, budgets)
-    out = args.out or f"{Path(args.image).stem}_visionzip.png"
+    sheet, _ = visualize(model, processor, image, budgets, args.method)
+    out = args.out or f"{Path(args.image).stem}_{args.method.split(',')[0]}.png"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     print(f"selection picture ({sheet.width}x{sheet.height}) written to {out}")
     return 0
@@ -307,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", help="an image file")
     p.add_argument("--budget", default="64", help="one budget or several, comma-separated: 192,128,64")
+    p.add_argument("--method", default="visionzip",
+                   help="a registered pre-LLM method whose selection to draw, options after commas "
+                   "(visionzip-eval methods --kind pre-llm; default: visionzip)")
     p.add_argument("--model", default="builtin:tiny-llava-synth",
                    help="builtin:tiny-llava-synth (default: the tiny trained model), builtin:tiny-llava (random "
                    "weights), or a supported checkpoint (folder or hub id)")
@@ -329,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (7860)")
     p.set_defaults(func=_cmd_app)
+
+    p = sub.add_parser(
+        "lmms",
+        help="lmms-eval's command line, exit 1 when a task failed (python -m lmms_eval exits 0 then)",
+        description="visionzip-eval lmms ARGS...: runs python -m lmms_eval ARGS (unchanged; needs --output_path) "
+        "and exits 1 with the failure in one line when lmms-eval failed, raised, wrote no results file, or its "
+        "results lack a metric for a task asked for; 0 otherwise. lmms-eval itself exits 0 in all those cases. "
+        "Python tracebacks are held back (add --verbosity DEBUG to see them).",
+    )
+    p.add_argument("lmms_args", nargs="*", metavar="ARGS", help="lmms-eval's arguments, e.g. --model visionzip ...")
+    p.set_defaults(func=_cmd_lmms)
 
     p = sub.add_parser(
         "methods",
@@ -534,13 +595,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What Ctrl-C prints, per command (exit 130, no traceback): resumable commands say how to resume.
+_INTERRUPTED = {"sweep": "re-run the same command to resume", "demo": "re-run the same command to resume",
+                "tune": "re-run it with --resume to continue from the last checkpoint"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lmms"]:  # everything after `lmms` is lmms-eval's, --help included
+        args = argparse.Namespace(command="lmms", func=_cmd_lmms, lmms_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as error:  # bad input: one line, no traceback
         print(f"visionzip-eval: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = _INTERRUPTED.get(args.command)
+        print(f"\ninterrupted{': ' + hint if hint else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        if not _stdout_closed():  # some other pipe broke: not ours to hide
+            raise
+        # `visionzip-eval methods | head`: the reader left. Silent, with the status of a process
+        # ended by SIGPIPE (128 + 13), as `yes | head` gives: a sweep cut short is not a success.
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's last flush must not raise
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
 
 
 if __name__ == "__main__":

@@ -80,3 +80,20 @@ def noise_summary(flagged: pd.DataFrame) -> str:
         worst = max(deviations, key=lambda r: abs(r - 1))
         parts.append(f"matmul probe as far as {worst:.2f}x the median")
     return "; ".join(parts)
+
+
+def probe_noise(record: dict) -> str:
+    """Why one measurement between two probes (``profiling.machine_record``) is noisy, '' when it
+    is not: the sweep's rules for a lone measurement (a bench), where there is no sweep median:
+    other processes above ``OTHER_CPU_SHARE`` of the cores, or the matmul probe after it off the
+    one before by more than ``PROBE_DEVIATION`` (the machine changed speed under it)."""
+    reasons = []
+    share = record.get("other_cpu_share")
+    if isinstance(share, (int, float)) and share > OTHER_CPU_SHARE:
+        reasons.append(f"other processes used {share:.0%} of the cores")
+    before, after = (record.get(key) or {} for key in ("before", "after"))
+    first, last = before.get("matmul_gflops"), after.get("matmul_gflops")
+    if isinstance(first, (int, float)) and isinstance(last, (int, float)) and first > 0:
+        if abs(last / first - 1) > PROBE_DEVIATION:
+            reasons.append(f"matmul probe after at {last / first:.2f}x the one before")
+    return "; ".join(reasons)

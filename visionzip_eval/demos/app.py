@@ -208,9 +208,17 @@ def received_line(name: str, turn, restarted: bool, turns: int) -> str:
             f"prefill {turn.prefill_ms:.1f} ms · turn {turns}: {how}")
 
 
-def build_app(model, processor, examples: list[Image.Image] | None = None):
+# What the page's header says of the default model (it answers "no" about a person in a photo).
+TINY_SYNTH_NOTE = (
+    " (the default: a tiny LLaVA trained only on the synthetic scenes of coloured shapes below; it knows "
+    "nothing of real photos. Ask about the examples, or serve a real model: visionzip-eval app --model "
+    "llava-hf/llava-1.5-7b-hf)"
+)
+
+
+def build_app(model, processor, examples: list[Image.Image] | None = None, model_name: str | None = None):
     """The gradio Blocks page (gradio imported here: it is an optional extra); what its events do
-    is ``Handlers``."""
+    is ``Handlers``. ``model_name``: what the header calls the model (the ``--model`` given)."""
     try:
         import gradio as gr
     except ImportError as error:
@@ -233,6 +241,21 @@ def build_app(model, processor, examples: list[Image.Image] | None = None):
 
         return run
 
+    def answer_kept(function, outputs: int):
+        """A handler whose outputs hold the conversation: on a ValueError (no patches chosen, no
+        question) they keep the previous answer instead of error badges, and the one-line reason
+        shows once, as a warning."""
+
+        @functools.wraps(function)
+        def run(*args):
+            try:
+                return function(*args)
+            except ValueError as error:
+                gr.Warning(str(error))
+                return tuple(gr.skip() for _ in range(outputs))
+
+        return run
+
     def on_click(pixels, chosen, mode, corner, cls, contextual, event: gr.SelectData):
         return handlers.on_click(pixels, chosen, mode, corner, cls, contextual, tuple(event.index))
 
@@ -240,7 +263,9 @@ def build_app(model, processor, examples: list[Image.Image] | None = None):
     with gr.Blocks(title="VisionZip Demo-Chat") as page:
         gr.Markdown(
             "# VisionZip: choose the visual tokens the LLM sees\n"
-            f"Model: {backend.name}; {grid[0]}x{grid[1]} patches per tower input"
+            f"Model: {model_name + ', ' if model_name else ''}{backend.name}"
+            + (TINY_SYNTH_NOTE if model_name == "builtin:tiny-llava-synth" else "")
+            + f"; {grid[0]}x{grid[1]} patches per tower input"
             + (" (AnyRes: the image is cut into a base image and crops, one tower input each; the grid "
                "is the base image, and the chosen patches are kept in every input)" if anyres else "")
             + "."
@@ -331,11 +356,11 @@ def build_app(model, processor, examples: list[Image.Image] | None = None):
         cls.input(handlers.selection_outputs, [pixels, chosen, cls, contextual], grid_outputs)
         contextual.input(handlers.selection_outputs, [pixels, chosen, cls, contextual], grid_outputs)
         send.click(
-            guarded(handlers.on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
+            answer_kept(handlers.on_send, 6), [image, question, chosen, cls, contextual, side_by_side, chats],
             [answer, answer_full, received, chat_chosen, chat_full, chats], **model_event,
         )
         question.submit(
-            guarded(handlers.on_send), [image, question, chosen, cls, contextual, side_by_side, chats],
+            answer_kept(handlers.on_send, 6), [image, question, chosen, cls, contextual, side_by_side, chats],
             [answer, answer_full, received, chat_chosen, chat_full, chats], **model_event,
         )
         side_by_side.change(lambda on: (gr.update(visible=on),) * 2, [side_by_side], [chat_full, answer_full])

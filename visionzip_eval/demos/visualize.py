@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from visionzip_eval.backends import backend_for
 from visionzip_eval.budget import Budget
+from visionzip_eval.methods.registry import MethodSpec, display_name
 from visionzip_eval.methods.visionzip import VisionZip
 
 DOMINANT_OUTLINE = (255, 221, 0)  # yellow frame around kept patches
@@ -36,7 +37,7 @@ ATTENTION_TITLE = "CLS attention at layer -2 (bright = high)"
 # (swatch, label) in the order drawn: what a frame or tint in the selection panels means.
 LEGEND: tuple[tuple[str, str], ...] = (
     ("yellow frame", "dominant token (kept)"),
-    ("tint", "merged into the contextual token of its tint"),
+    ("tint", "contextual token (the dimmed patches are merged into the one most like them)"),
     ("white frame", "contextual target"),
 )
 SWATCH = 16  # legend swatch side, px
@@ -55,6 +56,7 @@ class SelectionMap:
     cluster: np.ndarray  # (rows, cols) int: contextual token index, -1 for dominant patches
     target: np.ndarray  # (rows, cols) bool: patch is a contextual target
     attention: np.ndarray  # (rows, cols) float: CLS attention summed over heads
+    method: str = "visionzip"  # the registered method whose selection this is
 
 
 def processed_pixels(processor, pixel_values: torch.Tensor) -> np.ndarray:
@@ -65,10 +67,13 @@ def processed_pixels(processor, pixel_values: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def selection_map(model, processor, image: Image.Image, budget: Budget | int | str) -> SelectionMap:
+def selection_map(model, processor, image: Image.Image, budget: Budget | int | str,
+                  method: str = "visionzip") -> SelectionMap:
     budget = Budget.parse(budget)
     if budget.is_full:
         raise ValueError("budget 'full' selects everything: pick a reduced budget to visualise")
+    if MethodSpec.parse(method).name != "visionzip":
+        return _method_map(model, processor, image, budget, method)
     backend = backend_for(model)
     reducer = VisionZip(budget.dominant, budget.contextual)
     reducer.check(backend)
@@ -89,6 +94,42 @@ def selection_map(model, processor, image: Image.Image, budget: Budget | int | s
         cluster=np.where(slot < budget.dominant, -1, slot - budget.dominant),
         target=target.reshape(rows, cols),
         attention=signals.cls_attention[0].sum(0)[offset:].cpu().numpy().reshape(rows, cols),
+    )
+
+
+def drawable(method: str, budget: Budget | int | str):
+    """(spec, reducer) of a method whose selection can be drawn at ``budget``; ValueError (one
+    line) for an unknown method, bad options, or an in-LLM method (no selection before the LLM)."""
+    spec = MethodSpec.parse(method)
+    reducer = spec.build(budget)
+    if reducer.kind == "in-llm":
+        raise ValueError(f"{spec.name} prunes inside the LLM, guided by the question: it selects nothing before "
+                         "the LLM to draw; pick a pre-LLM method (visionzip-eval methods --kind pre-llm)")
+    return spec, reducer
+
+
+def _method_map(model, processor, image: Image.Image, budget: Budget, method: str) -> SelectionMap:
+    """Any other registered pre-LLM method's kept patches (it merges nothing into targets of its
+    own: every other patch is dropped, or folded into the kept ones)."""
+    spec, reducer = drawable(method, budget)
+    backend = backend_for(model)
+    reducer.check(backend)
+    pixel_values = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    parameter = next(model.parameters())
+    signals = backend.capture(pixel_values.to(parameter.device, parameter.dtype), attention=True)
+    selection = reducer.reduce(signals, backend)
+    if selection.dominant_index is None:
+        raise ValueError(f"{spec.name} keeps no individual patches (it pools or merges them all): nothing to "
+                         "draw; pick another method")
+    rows, cols = backend.patch_grid
+    offset = backend.patch_offset
+    kept = np.zeros(rows * cols, dtype=bool)
+    positions = selection.dominant_index[0].cpu().numpy()
+    kept[positions[positions >= offset] - offset] = True
+    return SelectionMap(
+        budget=budget, pixels=processed_pixels(processor, pixel_values), grid=(rows, cols),
+        dominant=kept.reshape(rows, cols), cluster=np.full((rows, cols), -1), target=np.zeros((rows, cols), bool),
+        attention=signals.cls_attention[0].sum(0)[offset:].cpu().numpy().reshape(rows, cols), method=spec.label,
     )
 
 
@@ -115,17 +156,24 @@ def _tinted(pixels: np.ndarray, tint: np.ndarray) -> np.ndarray:
 
 
 def selection_panel(view: SelectionMap) -> np.ndarray:
-    """Dominant patches untouched and framed yellow; merged patches dimmed and tinted with
-    their contextual token's colour; targets framed white."""
+    """Dominant patches untouched and framed yellow; contextual targets tinted with their
+    token's colour and framed white; every other patch (merged or dropped) dimmed, untinted, so
+    the image stays readable (tinting all of them covered the whole grid)."""
     height, width = view.pixels.shape[:2]
     palette = _palette()
     tint = palette[np.maximum(view.cluster, 0) % len(palette)]
     tinted = _tinted(view.pixels, _upsample(tint, height, width))
-    merged = _upsample(~view.dominant, height, width)[..., None]
-    panel = np.where(merged, tinted, view.pixels.astype(np.float32)).round().astype(np.uint8)
+    dimmed = _DIM * view.pixels.astype(np.float32) + (1 - _DIM) * _GREY
+    target = _upsample(view.target, height, width)[..., None]
+    other = _upsample(~view.dominant & ~view.target, height, width)[..., None]
+    panel = np.where(target, tinted, np.where(other, dimmed, view.pixels.astype(np.float32))).round().astype(np.uint8)
     outline(panel, view.dominant, DOMINANT_OUTLINE)
     outline(panel, view.target, TARGET_OUTLINE)
     return panel
+
+
+_DIM = 0.35  # share of the image kept in a patch that is not selected
+_GREY = 160.0  # what the rest fades to
 
 
 def attention_panel(view: SelectionMap) -> np.ndarray:
@@ -206,12 +254,10 @@ def render(views: list[SelectionMap]) -> Image.Image:
     tiles = [_captioned(attention_panel(first), ATTENTION_TITLE)]
     for view in views:
         b = view.budget
-        tiles.append(
-            _captioned(
-                selection_panel(view),
-                f"{b.total} = {b.dominant} dominant (yellow) + {b.contextual} contextual",
-            )
-        )
+        caption = (f"{b.total} = {b.dominant} dominant (yellow) + {b.contextual} contextual"
+                   if view.method == "visionzip" else
+                   f"{display_name(view.method)} at {b.total}: {int(view.dominant.sum())} patches kept (yellow)")
+        tiles.append(_captioned(selection_panel(view), caption))
     width = sum(t.width for t in tiles) + 8 * (len(tiles) - 1)
     legend = legend_strip(width)
     sheet = Image.new("RGB", (width, legend.height + tiles[0].height), "white")
@@ -224,6 +270,6 @@ def render(views: list[SelectionMap]) -> Image.Image:
     return sheet
 
 
-def visualize(model, processor, image: Image.Image, budgets) -> tuple[Image.Image, list[SelectionMap]]:
-    views = [selection_map(model, processor, image, budget) for budget in budgets]
+def visualize(model, processor, image: Image.Image, budgets, method: str = "visionzip") -> tuple[Image.Image, list[SelectionMap]]:
+    views = [selection_map(model, processor, image, budget, method) for budget in budgets]
     return render(views), views

@@ -76,6 +76,21 @@ def resolve_method(method: str | MethodSpec, options: dict) -> MethodSpec:
         raise
 
 
+def refuse_unpaired_mme(requests: list[Instance]) -> None:
+    """ValueError (one line) when an MME task got an odd number of questions. lmms-eval never tells
+    the model its --limit, but the requests show it: MME scores its questions in pairs (two per
+    image) and its aggregation asserts on a lone one only after the whole run has been answered."""
+    from collections import Counter
+
+    from visionzip_eval.benchmarks import benchmark_key
+
+    counts = Counter(request.task_name for request in requests)
+    odd = [f"{task}: {n}" for task, n in counts.items() if n % 2 and benchmark_key(task) == "MME"]
+    if odd:
+        raise ValueError(f"MME scores its questions in pairs (two per image) and got an odd number ({', '.join(odd)}): "
+                         "use an even --limit")
+
+
 class VisionZipLMM(lmms):
     is_simple = True
 
@@ -194,6 +209,8 @@ class VisionZipLMM(lmms):
 
     # -- generation -----------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        if self.world_size == 1:  # with several ranks each sees a shard: no count to check
+            refuse_unpaired_mme(requests)
         collator = utils.Collator([r.args for r in requests], lambda a: (-len(a[0]), a[0]), grouping=True)
         results: list[GenerationResult] = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="visionzip responding")

@@ -375,6 +375,8 @@ def plot_memory(results: Results, directory: Path) -> list[Path]:
     else:
         colors = _style(list(reqs["method"].unique()) + ["none"])
         many = reqs["model"].nunique() > 1
+        # a process's peak RSS only grows over the runs it serves: points, no trend drawn through them
+        trend = "-" if "process_peak_rss" not in kinds else "none"
         ticks = []
         for mi, (model, mreqs) in enumerate(reqs.groupby("model")):
             agg = mreqs.groupby(["method", "budget"]).agg(
@@ -386,7 +388,7 @@ def plot_memory(results: Results, directory: Path) -> list[Path]:
                 sub = pd.concat([sub, full]).sort_values("tokens")
                 ax.errorbar(sub["tokens"], sub["peak"], yerr=[sub["peak"] - sub["low"], sub["high"] - sub["peak"]],
                             marker=_MARKERS[mi % len(_MARKERS)], capsize=3, color=colors[method],
-                            label=_series_label(model, method, many))
+                            label=_series_label(model, method, many), linestyle=trend)
             if len(full):
                 ax.plot(full["tokens"], full["peak"], linestyle="none", marker="*", markersize=12, color="black",
                         label=_series_label(model, "none", many) + " (full)")
@@ -455,6 +457,22 @@ def plot_latency(results: Results, directory: Path) -> list[Path]:
     return _save(fig, directory, "latency")
 
 
+def _annotate_apart(ax, points: list[tuple[float, float, str]], near: float = 0.06, step: float = 11) -> None:
+    """Label points (x, y, text) at (5, 5) points' offset; where methods coincide (same x, y within
+    ``near`` of a decade) the same text is written once and different texts are stacked ``step``
+    points apart, so no label overprints another."""
+    placed: list[tuple[float, float, list[str]]] = []
+    for x, y, text in points:
+        group = next((g for g in placed if g[0] == x and abs(math.log10(y / g[1])) < near), None)
+        if group is None:
+            placed.append((x, y, [text]))
+        elif text not in group[2]:
+            group[2].append(text)
+    for x, y, texts in placed:
+        for index, text in enumerate(texts):
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5 + step * index), fontsize=8)
+
+
 def plot_roofline(results: Results, directory: Path) -> list[Path]:
     """Median measured prefill and TTFT per budget (solid) against the median of the requests'
     roofline bounds (dashed, same colour), log-log; the gap between them is what the
@@ -502,10 +520,9 @@ def plot_roofline(results: Results, directory: Path) -> list[Path]:
             if len(full):
                 ax.plot(full["tokens"], full[value], linestyle="none", marker="*", markersize=12, color="black",
                         label="full budget")
-            for _, point in agg.iterrows():  # measured / roofline, as in the efficiency table
-                if not pd.isna(point[f"{value}_ratio"]):
-                    ax.annotate(f"{point[f'{value}_ratio']:.1f}×", (point["tokens"], point[value]),
-                                textcoords="offset points", xytext=(5, 5), fontsize=8)
+            _annotate_apart(ax, [(point["tokens"], point[value], f"{point[f'{value}_ratio']:.1f}×")
+                                 for _, point in agg.iterrows()  # measured / roofline, as in the efficiency table
+                                 if not pd.isna(point[f"{value}_ratio"])])
             if any_noisy:
                 _noisy_handle(ax)
             ax.set_yscale("log")

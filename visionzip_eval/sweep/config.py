@@ -161,6 +161,34 @@ def _location(error: dict) -> str:
     return ".".join(str(part) for part in error["loc"]) or "(top level)"
 
 
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``list[ModelSpec]``, ``X | None``, ...)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _key_guess(loc: tuple) -> str:
+    """``: did you mean budgets?`` for an unknown key close to one its mapping takes (as
+    misspelt task names get), else ''."""
+    import difflib
+
+    models: list[type[BaseModel]] = [SweepConfig]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = ([m for f in fields for m in _models_in(f.annotation)] if fields
+                  else [m for m in models if m.__name__ == part])  # a union member pydantic names
+        if not models:
+            return ""
+    keys = sorted({key for model in models for key in model.model_fields})
+    guesses = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    return f": did you mean {guesses[0]}?" if guesses else ""
+
+
 def _one_line(error: yaml.YAMLError) -> str:
     """The YAML error's problem and where, on one line (its text spans several, with a caret)."""
     problem = getattr(error, "problem", None)
@@ -197,8 +225,9 @@ def load_config(path: str | Path) -> SweepConfig:
     try:
         config = SweepConfig.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        kind = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        typos = [e for e in error.errors() if e["type"] == "extra_forbidden" and _key_guess(e["loc"])]
+        first = (typos or error.errors())[0]  # a misspelt key explains the "missing" one beside it
+        kind = f"unknown key{_key_guess(first['loc'])}" if first["type"] == "extra_forbidden" else first["msg"]
         more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
         raise ConfigError(f"{path}: {_location(first)}: {kind}{more}") from None
     if config.include_path and not Path(config.include_path).is_absolute():

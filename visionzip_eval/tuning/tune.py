@@ -180,6 +180,8 @@ def _trainer_class():
         def on_step_end(self, args, state, control, **kwargs):
             if self._start is not None:
                 self.times.append(self._now() - self._start)
+            if state.global_step >= state.max_steps:  # the loss logged last is the final step's,
+                control.should_log = True  # whatever --logging-steps says (else final_loss: null)
 
         def summary(self) -> dict:
             # the first step of a run warms up (allocator, lazy inits): left out when there are others
