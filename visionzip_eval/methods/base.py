@@ -33,7 +33,7 @@ from torch import nn
 from visionzip_eval import apply as _apply
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, backend_for
 from visionzip_eval.budget import Budget
-from visionzip_eval.selection import Selection, gather_rows
+from visionzip_eval.selection import Selection, gather_rows, work_dtype
 
 
 class TokenReducer:
@@ -167,8 +167,9 @@ class ScoringReducer(FixedCountReducer):
 
 def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, k) positions of the ``k`` highest scores per row, ascending; among equal scores the
-    earlier position wins (a stable sort, so the result does not depend on the device)."""
-    order = scores.float().argsort(dim=1, descending=True, stable=True)
+    earlier position wins (a stable sort, so the result does not depend on the device). Scores
+    rank in float32 (half-precision ones upcast exactly), float64 ones in float64."""
+    order = scores.to(work_dtype(scores)).argsort(dim=1, descending=True, stable=True)
     return order[:, :k].sort(dim=1).values
 
 
