@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from visionzip_eval.llm_pruning import LayerView, Prune
-from visionzip_eval.methods.in_llm import InLLMReducer, check_choice
+from visionzip_eval.methods.base import check_choice
+from visionzip_eval.methods.in_llm import InLLMReducer
 from visionzip_eval.selection import SELECTION_PRECISIONS
 from visionzip_eval.methods.registry import register_method
 

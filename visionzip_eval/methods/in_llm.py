@@ -27,7 +27,7 @@ import torch
 from visionzip_eval import llm_pruning
 from visionzip_eval.backends.base import VLMBackend
 from visionzip_eval.llm_pruning import LayerView, Prune
-from visionzip_eval.methods.base import TokenReducer, check_tokens, top_positions
+from visionzip_eval.methods.base import TokenReducer, check_choice, check_tokens, top_positions
 from visionzip_eval.selection import SELECTION_PRECISIONS, Selection, work_dtype
 
 
@@ -133,11 +133,6 @@ class InLLMReducer(TokenReducer):
             if count:
                 keep[row, top_positions(masked[row : row + 1], count)[0]] = True
         return keep
-
-
-def check_choice(method: str, option: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{method}: {option} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 POSITIONS = ("renumber", "original")  # PDrop's and SparseVLM's official rule, FastV's

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from visionzip_eval.llm_pruning import LayerView, Prune
+from visionzip_eval.methods.base import check_choice
 from visionzip_eval.methods.in_llm import (
     POSITIONS,
     REFERENCE_LAYERS,
     InLLMReducer,
-    check_choice,
     scaled_layers,
     solve_increasing,
 )
