@@ -191,7 +191,8 @@ def check_cache(cache, length: int, visual: torch.Tensor | None, session_open: b
             "drop cache_implementation=static / torch.compile for in-LLM methods"
         )
     cached = cache.get_seq_length()
-    if cached and ((visual is not None and bool(visual.any())) or (session_open and length > 1)):
+    # one token on a cache is a decoding step (a generated token may be a placeholder id)
+    if cached and length > 1 and ((visual is not None and bool(visual.any())) or session_open):
         raise ValueError(
             f"in-LLM pruning prunes a prompt in one prefill from an empty cache; this forward brings {length} "
             f"tokens onto a cache of {cached} (a chunked prefill or a turn reusing the cache): "
@@ -258,11 +259,13 @@ class DecoderPruning:
         device = (embeds if embeds is not None else ids).device
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         visual, self._pending_visual = self._pending_visual, None
+        if visual is not None and visual.shape != (batch, length):  # not this forward's rows
+            visual = None
         check_cache(cache, length, visual, self.session is not None and self.session.prefill_done)
         if cache is not None and cache.get_seq_length() > 0:  # decoding
             return None
         self.session, self.last_visual_per_layer = None, None
-        if visual is None or visual.shape != (batch, length) or not bool(visual.any()):
+        if visual is None or not bool(visual.any()):
             return None
         index = torch.arange(length, device=device).expand(batch, length)
         visual = visual.to(device).bool()
