@@ -17,6 +17,11 @@ METHOD_ROWS = [
     ("fastv", {"k": 1}, True),
     ("pdrop", {}, True),
     ("sparsevlm", {}, True),
+    # the non-default position rule (FastV's): kept tokens keep their original positions
+    ("pdrop", {"positions": "original"}, True),
+    ("sparsevlm", {"positions": "original"}, True),
     # VisionZip with the official code's arithmetic in the model's dtype (refused without a CLS token)
     ("visionzip", {"selection_precision": "reference"}, True),
+    ("fastervlm", {"selection_precision": "reference"}, True),
+    ("vispruner", {"selection_precision": "reference"}, True),
 ]

@@ -162,6 +162,8 @@ def test_engine_reports_pruned_counts_and_fewer_flops(family):
     assert metrics["full"]["visual_tokens"] == metrics["fastv"]["visual_tokens"] == 576
     assert metrics["full"]["visual_tokens_after_pruning"] == 576
     assert metrics["fastv"]["visual_tokens_after_pruning"] == 64
+    assert metrics["full"]["visual_tokens_layer_average"] == 576
+    assert 64 < metrics["fastv"]["visual_tokens_layer_average"] < 576
     assert metrics["fastv"]["prompt_tokens"] == metrics["full"]["prompt_tokens"]
     assert metrics["fastv"]["prefill_flops"] < metrics["full"]["prefill_flops"]
 

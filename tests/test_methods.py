@@ -48,7 +48,10 @@ def test_cli_methods_json_lists_every_method():
                          text=True, check=True).stdout
     listed = {m["name"]: m for m in json.loads(out)}
     assert set(listed) == {info.name for info in list_methods()}
-    assert listed["vispruner"]["options"] == [{"name": "important_ratio", "type": "float", "default": 0.5}]
+    assert listed["vispruner"]["options"] == [
+        {"name": "important_ratio", "type": "float", "default": 0.5},
+        {"name": "selection_precision", "type": "'float32'/'reference'", "default": "float32"},
+    ]
     assert listed["fastervlm"]["kind"] == "pre-llm"
 
 
@@ -151,5 +154,5 @@ def test_report_names_show_non_default_options():
 
     assert method_name("vispruner") == "VisPruner"
     assert method_name("vispruner,important_ratio=0.25") == "VisPruner (important_ratio=0.25)"
-    assert method_name("none") == "Vanilla" and method_name("fastv") == "FastV"  # published-only rows
+    assert method_name("none") == "Vanilla" and method_name("fastv") == "FastV (in-LLM)"  # pruned inside the LLM
     assert method_sort_key("visionzip,merge=average")[0] == method_sort_key("visionzip")[0]

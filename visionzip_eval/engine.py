@@ -318,14 +318,16 @@ class Engine:
                 text = text.split(stop)[0]
             text = _XML_ILLEGAL.sub("", text)
             images = len(request.images)
-            after, layer_tokens = visual, None
+            after, average, layer_tokens = visual, visual, None
             if per_layer is not None:
                 kept = per_layer[row].tolist()
-                after = int(kept[-1])
+                after, average = int(kept[-1]), round(sum(kept) / len(kept), 3)
                 layer_tokens = [prompt_tokens - visual + int(k) for k in kept]
             metrics = dict(
                 visual_tokens=visual,
                 visual_tokens_after_pruning=after,
+                # the mean over LLM layers (in-LLM methods' count=average; what SparseVLM v1 reached)
+                visual_tokens_layer_average=average,
                 prompt_tokens=prompt_tokens,
                 generated_tokens=generated,
                 images=images,

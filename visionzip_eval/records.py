@@ -34,7 +34,8 @@ FULL_METHOD = "none"  # the method label of full-budget runs: no reduction, what
 
 # Every efficiency.jsonl row carries these keys (None when a failed sample could not be measured).
 EFFICIENCY_FIELDS = (
-    "task", "doc_id", "method", "budget", "visual_tokens", "visual_tokens_after_pruning", "prompt_tokens",
+    "task", "doc_id", "method", "budget", "visual_tokens", "visual_tokens_after_pruning",
+    "visual_tokens_layer_average", "prompt_tokens",
     "generated_tokens",
     "vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms", "peak_memory_bytes",
     "prefill_flops", "vision_flops", "warmup", "device", "attn_implementation", "error",

@@ -53,7 +53,8 @@ class Selection:
 def cls_attention_row(
     query_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Softmax attention of the CLS query over all N tokens, per head, in float32.
+    """Softmax attention of the CLS query over all N tokens, per head, in float32 (float64 for
+    float64 inputs).
 
     ``query_cls``: (B, D) projected query of token 0; ``keys``: (B, N, D) projected keys
     (bias included, unscaled). Returns (B, H, N). This is the only row of the layer's
@@ -62,8 +63,8 @@ def cls_attention_row(
     batch, tokens, dim = keys.shape
     head_dim = dim // num_heads
     scale = head_dim**-0.5 if scale is None else scale
-    q = query_cls.float().reshape(batch, num_heads, 1, head_dim)
-    k = keys.float().reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    q = query_cls.to(work_dtype(query_cls)).reshape(batch, num_heads, 1, head_dim)
+    k = keys.to(work_dtype(keys)).reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)
     logits = (q @ k.transpose(-1, -2)).squeeze(2) * scale
     return logits.softmax(dim=-1)
 
@@ -275,6 +276,18 @@ def reference_cls_scores(
     weights = torch.bmm(_heads(queries * scale, num_heads), _heads(keys, num_heads).transpose(1, 2))
     weights = weights.softmax(dim=-1).view(batch, num_heads, tokens, tokens)
     return weights[:, :, 0, 1:].sum(dim=1)
+
+
+def reference_cls_head_mean(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    """(B, N - 1) the CLS row's attention over the patches, averaged over heads, in the input's
+    dtype: the eager CLIP map (softmax in the module dtype) and its head mean as FasterVLM
+    (llava_arch.py:145) and VisPruner (ARCH:154) take them in their fp16 runs."""
+    batch, tokens, _ = keys.shape
+    weights = torch.bmm(_heads(queries * scale, num_heads), _heads(keys, num_heads).transpose(1, 2))
+    weights = weights.softmax(dim=-1).view(batch, num_heads, tokens, tokens)
+    return weights[:, :, 0, 1:].mean(dim=1)
 
 
 def reference_head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:

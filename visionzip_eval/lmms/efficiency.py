@@ -53,7 +53,8 @@ class EfficiencyLog:
             "failed_requests": sum(r.get("error") is not None for r in rows),
             "warmup_requests": sum(bool(r["warmup"]) for r in rows),
         }
-        for key in TIMES + ("visual_tokens", "visual_tokens_after_pruning", "prompt_tokens", "prefill_flops",
+        for key in TIMES + ("visual_tokens", "visual_tokens_after_pruning", "visual_tokens_layer_average",
+                            "prompt_tokens", "prefill_flops",
                             "peak_memory_bytes"):
             out[f"median_{key}"] = _median(measured, key)
         for task in sorted({r["task"] for r in measured}):

@@ -33,7 +33,7 @@ from torch import nn
 from visionzip_eval import apply as _apply
 from visionzip_eval.backends.base import TowerSignals, VLMBackend, backend_for
 from visionzip_eval.budget import Budget
-from visionzip_eval.selection import Selection, gather_rows
+from visionzip_eval.selection import Selection, gather_rows, reference_cls_head_mean, work_dtype
 
 
 class TokenReducer:
@@ -127,6 +127,11 @@ def check_tokens(tokens: int) -> None:
         raise ValueError(f"tokens must be an integer >= 1, got {tokens!r}")
 
 
+def check_choice(method: str, option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{method}: {option} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 def check_patch_budget(tokens: int, backend: VLMBackend) -> None:
     rows, cols = backend.patch_grid
     if tokens > rows * cols:
@@ -167,9 +172,24 @@ class ScoringReducer(FixedCountReducer):
 
 def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, k) positions of the ``k`` highest scores per row, ascending; among equal scores the
-    earlier position wins (a stable sort, so the result does not depend on the device)."""
-    order = scores.float().argsort(dim=1, descending=True, stable=True)
+    earlier position wins (a stable sort, so the result does not depend on the device). Scores
+    rank in float32 (half-precision ones upcast exactly), float64 ones in float64."""
+    order = scores.to(work_dtype(scores)).argsort(dim=1, descending=True, stable=True)
     return order[:, :k].sort(dim=1).values
+
+
+def cls_head_mean(reducer: TokenReducer, signals: TowerSignals, backend: VLMBackend) -> torch.Tensor:
+    """(B, patches) the CLS query's attention over the patches, heads averaged (FasterVLM's and
+    VisPruner's importance): float32 (float64 for float64 towers), or with
+    ``selection_precision="reference"`` the official eager map's arithmetic in the tower's dtype."""
+    if getattr(reducer, "selection_precision", "float32") == "reference":
+        if signals.queries is None or signals.keys is None:
+            raise ValueError(
+                f"{reducer.name}: selection_precision=reference needs layer L's queries and keys, which "
+                f"{backend.name} does not capture: use selection_precision=float32"
+            )
+        return reference_cls_head_mean(signals.queries, signals.keys, signals.num_heads, signals.scale)
+    return signals.cls_attention[:, :, backend.patch_offset :].mean(dim=1)
 
 
 def require_cls_token(reducer: TokenReducer, backend: VLMBackend) -> None:

@@ -13,9 +13,12 @@ average over all decoder layers: at 64 on 32 layers, K=2 keeps round((32*64 - 2*
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from visionzip_eval.methods.llm_pruning import LayerView, Prune
+from visionzip_eval.methods.base import check_choice
 from visionzip_eval.methods.in_llm import InLLMReducer
+from visionzip_eval.selection import SELECTION_PRECISIONS
 from visionzip_eval.methods.registry import register_method
 
 
@@ -27,6 +30,11 @@ class FastV(InLLMReducer):
     """Before LLM layer k, keep the visual tokens the last token attended most in layer k-1."""
 
     k: int = 2
+    selection_precision: Literal["float32", "reference"] = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.name, "selection_precision", self.selection_precision, SELECTION_PRECISIONS)
 
     def plan(self, num_layers: int, visual: float, budget: float) -> dict[int, float]:
         if self.k < 1:
@@ -43,5 +51,5 @@ class FastV(InLLMReducer):
         return {self.k: kept}
 
     def select(self, view: LayerView) -> Prune:
-        scores = self.last_token_scores(view, source="previous")
+        scores = self.last_token_scores(view, source="previous", precision=self.selection_precision)
         return Prune(keep=self.keep_top(scores, view.visual, self.kept_at(view)))

@@ -27,8 +27,8 @@ import torch
 from visionzip_eval.methods import llm_pruning
 from visionzip_eval.backends.base import VLMBackend
 from visionzip_eval.methods.llm_pruning import LayerView, Prune
-from visionzip_eval.methods.base import TokenReducer, check_tokens, top_positions
-from visionzip_eval.selection import Selection
+from visionzip_eval.methods.base import TokenReducer, check_choice, check_tokens, top_positions
+from visionzip_eval.selection import SELECTION_PRECISIONS, Selection, work_dtype
 
 
 @dataclass
@@ -110,17 +110,23 @@ class InLLMReducer(TokenReducer):
 
     # -- helpers for methods -------------------------------------------------------------------
     @staticmethod
-    def last_token_scores(view: LayerView, source: str) -> torch.Tensor:
+    def last_token_scores(view: LayerView, source: str, precision: str = "float32") -> torch.Tensor:
         """(B, P) the attention the last prompt token pays each current row, heads averaged
-        (FastV's and PyramidDrop's score; ``source`` as in ``LayerView.attention``)."""
+        (FastV's and PyramidDrop's score; ``source`` as in ``LayerView.attention``).
+        ``precision="reference"``: the probabilities are cast to the model's dtype before the
+        head mean, as both official codes do (FastV ML:349, PDrop M:1397-1399: fp16 runs)."""
         last = torch.full((view.hidden.shape[0], 1), view.hidden.shape[1] - 1, device=view.hidden.device)
-        return view.attention(last, source=source).mean(dim=1)[:, 0]
+        probs = view.attention(last, source=source)
+        if precision == "reference":
+            probs = probs.to(view.hidden.dtype)
+        return probs.mean(dim=1)[:, 0]
 
     @staticmethod
     def keep_top(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """(B, P) bool: every non-visual row, plus per row the ``counts[b]`` visual rows with the
         highest ``scores`` (ties: the earlier row)."""
-        masked = torch.where(visual, scores.float(), torch.tensor(float("-inf"), device=scores.device))
+        work = scores.to(work_dtype(scores))
+        masked = torch.where(visual, work, torch.tensor(float("-inf"), dtype=work.dtype, device=scores.device))
         keep = ~visual
         for row in range(scores.shape[0]):
             count = int(counts[row])
@@ -129,6 +135,7 @@ class InLLMReducer(TokenReducer):
         return keep
 
 
+POSITIONS = ("renumber", "original")  # PDrop's and SparseVLM's official rule, FastV's
 REFERENCE_LAYERS = 32  # stage layers are given for a 32-layer LLM (LLaVA-1.5-7B) and scaled
 
 

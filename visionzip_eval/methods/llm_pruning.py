@@ -81,6 +81,7 @@ class _Session:
     valid: torch.Tensor  # (B, P) False: a padding slot (copy of a kept row, masked as a key)
     visual: torch.Tensor  # (B, P) the row is a visual token
     entering: torch.Tensor  # (B,) visual tokens entering the LLM
+    positions: torch.Tensor  # (B, P) the rotary positions of the current rows
     embeddings: torch.Tensor  # (B, L, D) the decoder's input embeddings
     prompt_visual: torch.Tensor  # (B, L) the visual rows of the prompt
     prefill_done: bool = False
@@ -149,6 +150,56 @@ def check_prune_layers(method: str, layers, num_layers: int) -> None:
         )
 
 
+def check_decoder(method: str, decoder: nn.Module, layers: list, renumber: bool) -> None:
+    """Refuse, in one line, decoders whose attention the scores cannot recompute exactly (a
+    query/key norm, per-layer attention windows, no standard rotary function), and renumbered
+    positions without the decoder's rotary module."""
+    attention = layers[0].self_attn
+    modeling = sys.modules[type(attention).__module__]
+    config = getattr(decoder, "config", None)
+    problem = None
+    if any(hasattr(layer.self_attn, name) for layer in layers for name in ("q_norm", "k_norm")):
+        problem = "normalises queries and keys"
+    elif any(getattr(layer.self_attn, "sliding_window", None) for layer in layers) or any(
+        kind != "full_attention" for kind in (getattr(config, "layer_types", None) or [])
+    ):
+        problem = "gives layers their own attention windows"
+    elif not hasattr(modeling, "apply_rotary_pos_emb") or not all(
+        hasattr(layer.self_attn, name) for layer in layers for name in ("q_proj", "k_proj")
+    ):
+        problem = "has no plain q/k projections with standard rotary embeddings"
+    elif renumber and not hasattr(decoder, "rotary_emb"):
+        problem = "has no rotary module to renumber positions with"
+    if problem:
+        raise ValueError(
+            f"{method}: this LLM ({type(decoder).__name__}) {problem}, which in-LLM scoring does not "
+            "recompute: choose a pre-LLM method (visionzip-eval methods --kind pre-llm)"
+        )
+
+
+def check_cache(cache, length: int, visual: torch.Tensor | None, session_open: bool) -> None:
+    """Refuse, in one line, what in-LLM pruning cannot serve: a cache of fixed layout (static,
+    compiled; each layer's cache holds only the rows it kept), and a forward that brings visual
+    tokens, or several tokens after a pruned prefill, onto a non-empty cache (a chunked prefill,
+    a turn reusing the cache): pruning needs the whole prompt in one prefill."""
+    if cache is None:
+        return
+    layers = getattr(cache, "layers", None) or []
+    if getattr(cache, "is_compileable", False) or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        raise ValueError(
+            f"in-LLM pruning needs a DynamicCache (its layers keep different rows), got {type(cache).__name__}: "
+            "drop cache_implementation=static / torch.compile for in-LLM methods"
+        )
+    cached = cache.get_seq_length()
+    # one token on a cache is a decoding step (a generated token may be a placeholder id)
+    if cached and length > 1 and ((visual is not None and bool(visual.any())) or session_open):
+        raise ValueError(
+            f"in-LLM pruning prunes a prompt in one prefill from an empty cache; this forward brings {length} "
+            f"tokens onto a cache of {cached} (a chunked prefill or a turn reusing the cache): "
+            "prefill the whole prompt at once, with a fresh cache per turn"
+        )
+
+
 class DecoderPruning:
     """In-LLM pruning installed on one model: hooks on its decoder stack and on the model's
     input side (which rows are visual). ``method`` has ``prune_layers(num_layers)`` and
@@ -161,6 +212,10 @@ class DecoderPruning:
         self.decoder = backend.decoder()
         self.layers = list(self.decoder.layers)
         self.prune_layers = tuple(sorted(set(method.prune_layers(len(self.layers)))))
+        # positions="renumber" (PDrop's and SparseVLM's official code): the rows left after a
+        # pruning get positions 0..P'-1, and decoding continues from each layer's own count
+        self.renumber = getattr(method, "positions", "original") == "renumber"
+        check_decoder(method.name, self.decoder, self.layers, self.renumber)
         check_prune_layers(method.name, self.prune_layers, len(self.layers))
         self.session: _Session | None = None
         self._pending_visual: torch.Tensor | None = None
@@ -203,12 +258,14 @@ class DecoderPruning:
         batch, length = (embeds if embeds is not None else ids).shape[:2]
         device = (embeds if embeds is not None else ids).device
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = cache is None or cache.get_seq_length() == 0
-        if not prefill:
-            return None
         visual, self._pending_visual = self._pending_visual, None
+        if visual is not None and visual.shape != (batch, length):  # not this forward's rows
+            visual = None
+        check_cache(cache, length, visual, self.session is not None and self.session.prefill_done)
+        if cache is not None and cache.get_seq_length() > 0:  # decoding
+            return None
         self.session, self.last_visual_per_layer = None, None
-        if visual is None or visual.shape != (batch, length) or not bool(visual.any()):
+        if visual is None or not bool(visual.any()):
             return None
         index = torch.arange(length, device=device).expand(batch, length)
         visual = visual.to(device).bool()
@@ -218,6 +275,7 @@ class DecoderPruning:
             valid=torch.ones(batch, length, dtype=torch.bool, device=device),
             visual=visual,
             entering=visual.sum(1),
+            positions=index,
             embeddings=embeds if embeds is not None else module.embed_tokens(ids),
             prompt_visual=visual,
         )
@@ -266,14 +324,17 @@ class DecoderPruning:
         session.visual_per_layer.append((session.visual & session.valid).sum(1))
         session.layer_rows[number] = (session.index, session.valid)
         if self.mode == "remove":
-            kwargs.update(self._gathered(full_mask, cos, sin))
+            kwargs.update(self._gathered(full_mask, cos, sin, hidden))
             kwargs["position_ids"] = None  # gaps in the positions must not read as packed sequences
         else:
             length = hidden.shape[1]
             kwargs["attention_mask"] = self._masked_full(full_mask, length, length, session.layer_rows[number])
+            if self.renumber:
+                positions = self._renumbered(session.layer_rows[number], length, length)
+                kwargs["position_embeddings"] = self.decoder.rotary_emb(hidden, positions)
         return (hidden, *args), kwargs
 
-    def _gathered(self, full_mask, cos, sin) -> dict:
+    def _gathered(self, full_mask, cos, sin, hidden) -> dict:
         """The mask and rotary embeddings of the current rows (computed once per pruning)."""
         session = self.session
         if not session.gathered:
@@ -282,11 +343,28 @@ class DecoderPruning:
                 mask = gather_mask(full_mask, index, index, valid)
             except _NeedsExplicitMask:
                 mask = causal_mask(index, index, valid)
-            session.gathered = {
-                "attention_mask": mask,
-                "position_embeddings": (_gather_rows(cos, index), _gather_rows(sin, index)),
-            }
+            session.gathered = {"attention_mask": mask, "position_embeddings": self._rotary(cos, sin, hidden)}
         return session.gathered
+
+    def _rotary(self, cos, sin, hidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embeddings of the current rows at their positions (original or renumbered)."""
+        session = self.session
+        if self.renumber:
+            return self.decoder.rotary_emb(hidden, session.positions)
+        return _gather_rows(cos, session.index), _gather_rows(sin, session.index)
+
+    def _renumbered(self, rows, new: int, total: int) -> torch.Tensor:
+        """(B, new) renumbered positions of the last ``new`` of ``total`` original positions, for
+        a layer keeping ``rows`` (index, valid) of the prompt: a kept prompt token's position is
+        its rank among the kept ones; a token after the prompt continues from their count."""
+        session = self.session
+        index, valid = rows
+        batch, device = index.shape[0], index.device
+        kept = torch.zeros(batch, session.prompt_length, dtype=torch.long, device=device)
+        kept = (kept.scatter_add(1, index, valid.long()) > 0).long()
+        prompt = (kept.cumsum(1) - 1).clamp(min=0)
+        after = kept.sum(1, keepdim=True) + torch.arange(total - session.prompt_length, device=device)[None]
+        return torch.cat([prompt, after], 1)[:, total - new :]
 
     def _masked_full(self, full_mask, new: int, total: int, rows) -> torch.Tensor:
         """Mask mode: the decoder's mask for ``new`` queries over ``total`` keys, with the
@@ -319,6 +397,8 @@ class DecoderPruning:
             total = full_mask.shape[-1]
         else:  # layer 0 (never pruned) has cached this step's tokens already
             total = kwargs.get("cache", kwargs.get("past_key_values")).get_seq_length(0)
+        if self.renumber:
+            kwargs["position_embeddings"] = self.decoder.rotary_emb(hidden, self._renumbered(rows, new, total))
         if self.mode == "mask":
             kwargs["attention_mask"] = self._masked_full(full_mask, new, total, rows)
             return args, kwargs
@@ -350,6 +430,11 @@ class DecoderPruning:
             index, visual = torch.cat([index, extra], 1), torch.cat([visual, ones], 1)
             keep = torch.cat([keep, real], 1)
             rows_hidden = torch.cat([hidden_rows, decision.extra_hidden.to(hidden_rows.dtype)], 1)
+            if self.renumber:  # SparseVLM's order: the kept visual rows, then the merged ones (MSL:268-275)
+                index = index.clone()
+                for row in range(index.shape[0]):
+                    block = torch.nonzero(keep[row] & visual[row]).flatten()
+                    index[row, block] = index[row, block].sort().values
         # the kept rows in original order; a row keeping fewer than the widest is padded at the
         # front with copies of its first kept row (never at the end: generate reads the last row)
         width = int(keep.sum(1).max())
@@ -359,15 +444,15 @@ class DecoderPruning:
         order = torch.where(valid, order, first_kept)
         session.index, session.valid = index.gather(1, order), valid
         session.visual = visual.gather(1, order)
+        session.positions = (valid.long().cumsum(1) - 1).clamp(min=0) if self.renumber else session.index
         if self.mode == "remove":
             return _gather_rows(rows_hidden, order)
         if decision.extra_hidden is None:
             return hidden
-        # mask mode keeps the full rows: the recycled tokens overwrite the rows at their positions
-        hidden = hidden.clone()
+        # mask mode keeps the full rows: every kept row (recycled ones included) is written at its position
+        hidden, kept = hidden.clone(), _gather_rows(rows_hidden, order)
         for row in range(hidden.shape[0]):
-            real = slice(None) if decision.extra_valid is None else decision.extra_valid[row].bool()
-            hidden[row, decision.extra_index[row][real]] = decision.extra_hidden[row][real].to(hidden.dtype)
+            hidden[row, session.index[row][valid[row]]] = kept[row][valid[row]]
         return hidden
 
     # -- attention --------------------------------------------------------------------------
@@ -391,7 +476,7 @@ class DecoderPruning:
         else:
             raise ValueError(f"attention source must be 'previous' or 'this', got {source!r}")
         full_mask, cos, sin = self._current
-        positions = (_gather_rows(cos, index), _gather_rows(sin, index))
+        positions = self._rotary(cos, sin, hidden)
         return attention_probs(module, queries, keys, positions, rows, index, valid, full_mask)
 
 

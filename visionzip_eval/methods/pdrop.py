@@ -8,23 +8,34 @@ transcribed in ``tests/official_pdrop.py``:
 - one query, the last prompt token; softmax over every key in float32, heads averaged, the
   image columns sliced without renormalising (M:1390-1401); top-k, original order (M:1405-1410);
 - stage k keeps ``int(576 * lambda**k)`` counted from the tokens entering the LLM (M:1306-1307).
+- positions are renumbered 0..L'-1 after every cut and decode positions shifted to match
+  (M:1445-1446, M:1259-1268): ``positions=renumber`` (default); ``original`` keeps them, as FastV.
+- ``selection_precision=reference`` casts the float32 softmax to the model dtype before the head
+  mean (M:1397-1399, fp16 runs); ``float32`` (default) ranks the float32 mean.
 Budget: lambda is solved so that the last stage keeps ``tokens`` (``count=kept``, default) or
 the average over all layers is ``tokens`` (``count=average``: the paper tables' convention,
-PDrop issues #10/#22/#29 and the VisionZip paper's Table 1). ``layers=2,8,16`` is the authors'
-recipe for reaching an average of 64 (#29: lambda 0.19); the paper's default 8,16,24 cannot
-average below 144. Layers are given for a 32-layer LLM and scaled to the model's depth.
-
-Deviations, on purpose: kept tokens keep their original positions, as FastV's do (M:1445
-renumbers them 0..L'-1 and shifts decode positions to match; SparseVLM's code renumbers too),
-so all in-LLM methods here share one position rule; counts are rounded, not truncated.
+PDrop issues #10/#22 and the VisionZip paper's Table 1). The paper's default 8,16,24 cannot
+average below 144 (issue #10), and no official setting for 192/128/64 is published (issue #27
+asks, unanswered); ``layers=2,8,16`` is this project's choice, with lambda solved for the
+average (64 -> lambda 0.19). Layers are given for a 32-layer LLM and scaled to the model's
+depth. Deviation: counts are rounded, not truncated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from visionzip_eval.methods.llm_pruning import LayerView, Prune
-from visionzip_eval.methods.in_llm import REFERENCE_LAYERS, InLLMReducer, scaled_layers, solve_increasing
+from visionzip_eval.methods.base import check_choice
+from visionzip_eval.methods.in_llm import (
+    POSITIONS,
+    REFERENCE_LAYERS,
+    InLLMReducer,
+    scaled_layers,
+    solve_increasing,
+)
+from visionzip_eval.selection import SELECTION_PRECISIONS
 from visionzip_eval.methods.registry import register_method
 
 @register_method(
@@ -35,9 +46,13 @@ class PyramidDrop(InLLMReducer):
     """In stages, keep a share lambda of the visual tokens the last prompt token attends most."""
 
     layers: str = "2,8,16"
+    positions: Literal["renumber", "original"] = "renumber"
+    selection_precision: Literal["float32", "reference"] = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice(self.name, "positions", self.positions, POSITIONS)
+        check_choice(self.name, "selection_precision", self.selection_precision, SELECTION_PRECISIONS)
         scaled_layers(self.layers, REFERENCE_LAYERS, self.name)  # validates
 
     def ratio(self, stages: list[int], num_layers: int, visual: float, budget: float) -> float:
@@ -63,5 +78,5 @@ class PyramidDrop(InLLMReducer):
         return {layer: visual * lam ** (i + 1) for i, layer in enumerate(stages)}
 
     def select(self, view: LayerView) -> Prune:
-        scores = self.last_token_scores(view, source="this")
+        scores = self.last_token_scores(view, source="this", precision=self.selection_precision)
         return Prune(keep=self.keep_top(scores, view.visual, self.kept_at(view)))

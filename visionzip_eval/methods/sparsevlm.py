@@ -11,32 +11,53 @@ Official code Gumpest/SparseVLMs, transcribed in ``tests/official_sparsevlm.py``
   ``int(0.3 n) + 1`` are recycled into ``int(n_recycled / 10) + 1`` tokens by density-peak
   clustering of their hidden states (TCFormer DPC-kNN, utils.py:155-213: k = the cluster count,
   self included) and averaged (sum / (n + 1e-6)); the rest are dropped (MSL:251-283);
-- k per layer: the v1 code sets it from a matrix rank times a per-benchmark ``scale`` (README
-  74-86), which fixes no budget; the schedule the authors later published for 192/128/64
-  (535f8ba score.py:5-15, layers 2/6/15 keeping 300/200/110, 303/110/36, 66/30/17) does, and
-  is used here for those budgets (``count=average``): its own accounting (visual tokens leaving
-  each layer, averaged over 32 layers) gives 192.0/128.6/64.8. Other budgets and ``count=kept``
-  use a geometric schedule (k_i = V * lambda^i) solved for the budget.
+- positions: the new sequence is [prefix][kept visual][merged][text], renumbered 0..L'-1, and a
+  decode token continues each layer's own count (MSL:268-278, MSL:603-604): ``positions=renumber``
+  (default); ``original`` keeps the kept tokens' positions and gives a merged token its cluster
+  centre's (LightCompress, and SparseVLM v2.0 9e1f649).
 
-Deviations, on purpose: kept tokens keep their original positions and a merged token takes its
-cluster centre's (as LightCompress does; MSL:278 renumbers 0..L'-1); no 1e-6 density noise
-(ties go to the earlier token, deterministically); batches work (the official code is batch 1).
+Two official versions choose k, option ``version``:
+- ``v1`` (b72c5d6, the version behind the VisionZip paper's Table 1): layers 2/6/15/19
+  (MSL:87), ``k = min(int(rank * scale + bias), n - 1)`` with ``rank`` the float32 matrix rank of
+  the raters' (n_raters, n) attention block, no pruning where ``rank == n`` (score.py:32-42);
+  scale/bias per budget from the README (74-86): 192 -> 13.5/0, 128 -> 9/6, 64 -> 0.8/0, other
+  budgets refused. The rule fixes no exact count (``count`` is not read): runs record the
+  per-layer average they reached (``visual_tokens_after_pruning``).
+- ``v2`` (default; 535f8ba, March 2025): layers 2/6/15 keeping the published 300/200/110,
+  303/110/36, 66/30/17 at 192/128/64 (535f8ba score.py:5-15). Those counts are defined by
+  SparseVLM's own accounting (the pruning layer counts as pruned); here the budget is counted
+  as for FastV and PDrop (the pruning layer sees every token), so the published shape is scaled
+  until ``count`` reaches the budget (``average``: the mean over layers; ``kept``: what leaves
+  the last pruning layer). Other budgets use a geometric schedule (k_i = V * lambda^i).
+
+Deviations, on purpose: no 1e-6 density noise (ties go to the earlier token, deterministically);
+batches work (the official code is batch 1).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from visionzip_eval.methods.llm_pruning import LayerView, Prune
 from visionzip_eval.methods.base import top_positions
-from visionzip_eval.methods.in_llm import REFERENCE_LAYERS, InLLMReducer, scaled_layers, solve_increasing
+from visionzip_eval.methods.base import check_choice
+from visionzip_eval.methods.in_llm import (
+    POSITIONS,
+    REFERENCE_LAYERS,
+    InLLMReducer,
+    scaled_layers,
+    solve_increasing,
+)
 from visionzip_eval.methods.registry import register_method
 
 # 535f8ba score.py:5-15: top-k kept at layers 2 / 6 / 15 of a 32-layer LLaVA-1.5 (576 tokens)
 PUBLISHED_SCHEDULE = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+VERSION_LAYERS = {"v1": "2,6,15,19", "v2": "2,6,15"}  # b72c5d6 MSL:87, 535f8ba MSL:69
+V1_SCALE_BIAS = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}  # b72c5d6 README.md:74-86
 RECYCLE_SHARE, CLUSTER_DIVISOR, MERGE_EPS = 0.3, 10, 1e-6  # MSL:258, MSL:262, utils.py:203
 
 
@@ -70,18 +91,31 @@ def density_peak_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, to
 )
 @dataclass
 class SparseVLM(InLLMReducer):
-    """Text raters score the visual tokens at layers 2/6/15; the best survive, part of the rest is merged."""
+    """Text raters score the visual tokens at layers 2/6/15(/19); the best survive, part of the rest is merged."""
 
-    layers: str = "2,6,15"
+    version: Literal["v1", "v2"] = "v2"
+    positions: Literal["renumber", "original"] = "renumber"
+    layers: str = ""  # empty: the version's (v1 2,6,15,19; v2 2,6,15)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        scaled_layers(self.layers, REFERENCE_LAYERS, self.name)  # validates
+        check_choice(self.name, "version", self.version, tuple(VERSION_LAYERS))
+        check_choice(self.name, "positions", self.positions, POSITIONS)
+        scaled_layers(self.stage_layers, REFERENCE_LAYERS, self.name)  # validates
+        if self.version == "v1" and self.tokens not in V1_SCALE_BIAS:
+            raise ValueError(
+                f"sparsevlm: version=v1 sets its counts by a rank rule tuned for 192/128/64 only "
+                f"(README scale/bias), got {self.tokens}: use version=v2"
+            )
+
+    @property
+    def stage_layers(self) -> str:
+        return self.layers or VERSION_LAYERS[self.version]
 
     # -- the schedule ------------------------------------------------------------------------
     def _stages(self, num_layers: int) -> list[int]:
         """Layers whose output is pruned, i.e. pruning happens before the next one."""
-        return [min(layer + 1, num_layers - 1) for layer in scaled_layers(self.layers, num_layers, self.name)]
+        return [min(layer + 1, num_layers - 1) for layer in scaled_layers(self.stage_layers, num_layers, self.name)]
 
     @staticmethod
     def leaving(visual: float, kept: list[float]) -> list[float]:
@@ -96,11 +130,15 @@ class SparseVLM(InLLMReducer):
     def plan(self, num_layers: int, visual: float, budget: float) -> dict[int, float]:
         """Pruning layer -> top-k kept there (merged tokens come on top)."""
         stages = sorted(set(self._stages(num_layers)))
+        if self.version == "v1":  # k is set at run time by the rank rule
+            return {layer: visual for layer in stages}
         published = PUBLISHED_SCHEDULE.get(round(budget * 576 / visual)) if visual else None
-        if self.count == "average" and published and self.layers == "2,6,15":
-            return {layer: k * visual / 576 for layer, k in zip(stages, published)}
+        if published and len(stages) != len(published):
+            published = None
 
         def schedule(lam: float) -> list[float]:
+            if published:  # the published shape, scaled (lambda 1: every token)
+                return [visual * min(1.0, lam * k / published[-1]) for k in published]
             return [visual * lam ** (i + 1) for i in range(len(stages))]
 
         def reached(lam: float) -> float:
@@ -126,6 +164,19 @@ class SparseVLM(InLLMReducer):
             while k > 0 and k + recycled_counts(int(current[row]) - k)[1] > target:
                 k -= 1
             out.append(max(k, 0))
+        return torch.tensor(out, device=current.device)
+
+    def _rank_rule(self, probs, raters, visual, current) -> torch.Tensor:
+        """(B,) v1's kept count (score.py:32-42): ``min(int(rank * scale + bias), n - 1)`` with
+        ``rank`` the float32 matrix rank of the raters' rows over the visual columns; ``n``
+        (nothing pruned) where the rank is full."""
+        scale, bias = V1_SCALE_BIAS[self.tokens]
+        out = []
+        for row in range(len(current)):
+            n = int(current[row])
+            block = probs[row, : int(raters[row])][:, visual[row]].float()
+            rank = int(torch.linalg.matrix_rank(block)) if n and int(raters[row]) else n
+            out.append(n if rank == n else min(int(rank * scale + bias), n - 1))
         return torch.tensor(out, device=current.device)
 
     # -- one pruning layer ---------------------------------------------------------------------
@@ -158,9 +209,12 @@ class SparseVLM(InLLMReducer):
         scores = (probs * weight[..., None]).sum(1) / counts[:, None]
         visual = view.visual
         current = visual.sum(1)
-        kept = torch.minimum(self.kept_at(view), current - 1).clamp(min=0)
-        if self.count == "kept" and view.layer == max(self.prune_layers(view.num_layers)):
-            kept = self._exact_last(view, current)
+        if self.version == "v1":
+            kept = self._rank_rule(probs, raters.sum(1), visual, current)
+        else:
+            kept = torch.minimum(self.kept_at(view), current - 1).clamp(min=0)
+            if self.count == "kept" and view.layer == max(self.prune_layers(view.num_layers)):
+                kept = self._exact_last(view, current)
         keep = self.keep_top(scores, visual, kept)
         merged, positions, real = [], [], []
         for row in range(batch):

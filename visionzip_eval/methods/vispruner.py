@@ -19,7 +19,9 @@ The official rule on LLaVA-1.5, per image, step by step:
   becomes the kept A tokens in descending-score order, then B;
 - kept tokens reach the LLM in raster order (boolean mask, ARCH:182-183 and ARCH:272).
 
-Here: the same rule, batched; ties go to the earlier list position (the official ``argsort`` is
+Here: the same rule, batched, ranked in float32 (``selection_precision=float32``, default) or
+with the official fp16 arithmetic (``reference``: the eager map's softmax, head mean and the
+similarities in the tower's dtype); ties go to the earlier list position (the official ``argsort`` is
 not stable), and an odd number of important tokens, which crashes ARCH:174, keeps
 ``len(A) - r`` A tokens as intended. Towers without a CLS token are refused.
 """
@@ -27,29 +29,30 @@ not stable), and an odd number of important tokens, which crashes ARCH:174, keep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend
-from visionzip_eval.methods.base import FixedCountReducer, check_patch_budget, require_cls_token
+from visionzip_eval.methods.base import FixedCountReducer, check_patch_budget, check_choice, cls_head_mean, require_cls_token
 from visionzip_eval.methods.registry import register_method
-from visionzip_eval.selection import Selection, gather_rows, work_dtype
+from visionzip_eval.selection import SELECTION_PRECISIONS, Selection, gather_rows, work_dtype
 
 MERGE_STEP = 8  # tokens removed per pass (ARCH:163)
 
 
 def vispruner_select(
-    patches: torch.Tensor, importance: torch.Tensor, tokens: int, important_ratio: float
+    patches: torch.Tensor, importance: torch.Tensor, tokens: int, important_ratio: float, reference: bool = False
 ) -> torch.Tensor:
     """(B, tokens) patch positions VisPruner keeps, ascending. ``patches``: (B, P, D) features;
-    ``importance``: (B, P) head-mean CLS attention."""
+    ``importance``: (B, P) head-mean CLS attention. ``reference``: similarities in the
+    features' own dtype (the official fp16 run), not float32."""
     important = int(tokens * important_ratio)
     diverse = tokens - important
     order = importance.to(work_dtype(importance)).argsort(dim=1, descending=True, stable=True)
     kept, residual = order[:, :important], order[:, important:]
     if diverse > 0:
-        features = patches.to(work_dtype(patches))
+        features = patches if reference else patches.to(work_dtype(patches))
         unit = features / features.norm(dim=-1, keepdim=True)
         while True:
             r = min(MERGE_STEP, residual.shape[1] - diverse)
@@ -78,6 +81,7 @@ class VisPruner(FixedCountReducer):
     ``important_ratio``: the share of the budget taken by attention (0.5, the official default)."""
 
     important_ratio: float = 0.5
+    selection_precision: Literal["float32", "reference"] = "float32"
 
     needs_attention: ClassVar[bool] = True
 
@@ -85,6 +89,7 @@ class VisPruner(FixedCountReducer):
         super().__post_init__()
         if not 0.0 <= self.important_ratio <= 1.0:
             raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio}")
+        check_choice(self.name, "selection_precision", self.selection_precision, SELECTION_PRECISIONS)
 
     def check(self, backend: VLMBackend) -> None:
         require_cls_token(self, backend)
@@ -92,6 +97,7 @@ class VisPruner(FixedCountReducer):
 
     def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
         patches = backend.patch_features(signals)
-        importance = signals.cls_attention[:, :, backend.patch_offset :].mean(dim=1)
-        index = vispruner_select(patches, importance, self.tokens, self.important_ratio)
+        importance = cls_head_mean(self, signals, backend)
+        reference = self.selection_precision == "reference"
+        index = vispruner_select(patches, importance, self.tokens, self.important_ratio, reference)
         return Selection(tokens=gather_rows(patches, index), dominant_index=index + backend.patch_offset)
