@@ -123,3 +123,19 @@ def test_sweep_engine_field_travels_with_the_model_args():
         ModelSpec(name="tiny", pretrained="x", engine="vllm", args={"engine": "transformers"})
     with pytest.raises(ValueError):
         ModelSpec(name="tiny", pretrained="x", engine="tgi")
+
+
+def test_serve_json_reads_back_into_a_plot(tmp_path):
+    from PIL import Image
+
+    from visionzip_eval.report.serving import plot_serving, read_serve_json
+
+    rows = [dict(method=m, budget=b, concurrency=c, requests_per_s=c / (2.0 if b == "full" else 1.0), visual_tokens=t)
+            for m, b, t in (("none", "full", 576), ("visionzip", "64", 64), ("divprune", "64", 64)) for c in (1, 8)]
+    (tmp_path / "serve.json").write_text(json.dumps({"rows": rows, "run": {}}))
+    path = plot_serving(read_serve_json(tmp_path / "serve.json"), tmp_path / "plot" / "serving.png")
+    width, height = Image.open(path).size
+    assert width > 2 * height  # two method panels side by side
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"method": "x"}]}))
+    with pytest.raises(ValueError, match="not bench serve --json output"):
+        read_serve_json(tmp_path / "bad.json")
