@@ -88,7 +88,7 @@ def _cmd_bench_realsize(args: argparse.Namespace) -> int:
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     rows, info = bench_realsize(budgets=tuple(args.budgets), repeats=args.repeats, layers=args.layers,
                                 dtype=args.dtype, device=args.device, max_minutes=args.max_minutes,
-                                methods=tuple(args.methods), progress=progress)
+                                methods=tuple(args.methods), progress=progress, batches=tuple(args.batch))
     print(json.dumps(dict(rows=rows, run=info), indent=2) if args.json else format_realsize(rows, info))
     return 0
 
@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     b.add_argument("--max-minutes", type=float, default=30.0,
                    help="refuse when the measured matmul rate says the run takes longer (default 30)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="batch sizes (b copies of the request per generate call); rows report requests/s (default 1)")
     b.add_argument("--json", action="store_true", help="print JSON (rows and run facts) instead of the table")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=_cmd_bench_realsize)
