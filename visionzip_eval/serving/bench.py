@@ -80,8 +80,12 @@ def _load(pretrained: str, max_num_seqs: int, memory_fraction: float | None):
         from visionzip_eval.testing import build_llava15_7b_shape, llava15_7b_config
 
         check_shape_fits(psutil.virtual_memory().available)
-        # the tower and projector at exact size in float32 (one decoder layer, never run); vLLM holds the LLM
+        # the tower and projector at exact size in float32; vLLM holds the LLM, so this copy's decoder,
+        # embeddings and head (never run) shrink to nothing
         model, processor = build_llava15_7b_shape(1, torch.float32)
+        text = model.model.language_model
+        text.embed_tokens, text.layers = torch.nn.Embedding(1, text.config.hidden_size), torch.nn.ModuleList()
+        model.lm_head = torch.nn.Linear(text.config.hidden_size, 1, bias=False)
         folder = shape_checkpoint(Path(tempfile.mkdtemp(prefix="visionzip-vllm-shape-")))
         llm = new_llm(folder, torch.bfloat16, max_num_seqs=max_num_seqs, max_model_len=2048,
                       memory_fraction=memory_fraction or SHAPE_MEMORY_FRACTION, load_format="dummy")
@@ -89,8 +93,9 @@ def _load(pretrained: str, max_num_seqs: int, memory_fraction: float | None):
         config = llava15_7b_config(32)
         _, per_layer, _ = _parameter_counts(32)
         facts = roofline.ModelFacts.from_record(roofline.describe(served.backend, "cpu"))
-        facts = replace(facts, dtype="bfloat16", bytes_per_element=2, layers=32,
-                        decoder_weight_bytes=32 * per_layer * 2, lm_head_weight_bytes=facts.lm_head_weight_bytes // 2)
+        text = config.text_config
+        facts = replace(facts, dtype="bfloat16", bytes_per_element=2, layers=32, decoder_weight_bytes=32 * per_layer * 2,
+                        lm_head_weight_bytes=text.vocab_size * text.hidden_size * 2)
         return served, facts, DecoderShape.from_config(config.text_config), "LLaVA-1.5-7B's shape (random weights)"
     from visionzip_eval.loading import load_pretrained
 
@@ -115,7 +120,7 @@ def bench_serve(
     """One row per (method, budget, concurrency) and facts about the run (see the module doc).
 
     ``requests``: at least this many timed requests per row (whole batches of C), after one
-    warm-up batch per row. Refuses in-LLM methods and bad concurrencies before loading anything."""
+    warm-up request per (method, budget) at the start of the run. Refuses in-LLM methods and bad concurrencies before loading anything."""
     from visionzip_eval import roofline
     from visionzip_eval.bench import _configs, matmul_tflops
     from visionzip_eval.engine import Request
@@ -142,16 +147,17 @@ def bench_serve(
     samples: dict = {}
     index = 0
     started = time.perf_counter()
-    for c in concurrency:
-        rounds = math.ceil(requests / c)
-        for round_index in range(rounds + 1):  # round 0 warms up
+    for c in [0] + list(concurrency):  # 0: one warm-up request per config, not timed
+        rounds = math.ceil(requests / c) if c else 1
+        for round_index in range(rounds):
             for config in configs:
-                progress(f"concurrency {c}, round {round_index + 1}/{rounds + 1}: {config[0]} at {config[1]}")
+                progress(f"concurrency {c or 'warm-up'}, round {round_index + 1}/{rounds}: {config[0]} at {config[1]}")
                 served.set_reducer(reducers[config])
-                batch = [Request(turns=[(QUESTION, None)], images=[request_image(index + i)]) for i in range(c)]
-                index += c
+                size = c or 1
+                batch = [Request(turns=[(QUESTION, None)], images=[request_image(index + i)]) for i in range(size)]
+                index += size
                 metrics = [o.metrics for o in served.submit(batch, params)]
-                if round_index:
+                if c:
                     samples.setdefault((config, c), []).append(metrics)
     after = machine_probe("cpu")
     machine = machine_record(before, after)

@@ -33,8 +33,16 @@ def check_servable(method: MethodSpec | str) -> MethodSpec:
     return spec
 
 
+def _vllm_env() -> None:
+    """Before vLLM is imported: its log lines to stderr (stdout carries --json), and the engine
+    core in this process (its CPU time and memory count as this run's in the machine probe)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 def vllm_unavailable() -> str | None:
     """Why vLLM cannot be imported here (None when it can)."""
+    _vllm_env()
     try:
         import vllm  # noqa: F401
     except Exception as error:  # noqa: BLE001 - any import failure means: not servable here
@@ -49,8 +57,6 @@ def new_llm(folder: str | Path, dtype: torch.dtype, *, max_num_seqs: int = 8, ma
     reason = vllm_unavailable()
     if reason:
         raise ValueError(reason)
-    # the engine core in this process: its CPU time and memory count as this run's (machine probe)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
     return LLM(
@@ -122,7 +128,7 @@ class ServedEngine:
         text = self.encoder.prompt(request)
         if not rows:
             return {"prompt": text}
-        return {"prompt": text, "multi_modal_data": {"image": rows if len(rows) > 1 else rows[0]}}
+        return {"prompt": text, "multi_modal_data": {"image": list(rows)}}  # a 2-D tensor would read as images of one row
 
     def sampling(self, settings: Generation):
         from vllm import SamplingParams
