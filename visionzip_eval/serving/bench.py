@@ -29,7 +29,7 @@ ROW_KEYS = ("method", "budget", "concurrency", "requests", "visual_tokens", "pro
             "rps_speedup", "ttft_speedup", "peak_memory_bytes", "noisy", "noise")
 REALSIZE = "realsize-7b"  # LLaVA-1.5-7B's shape, random weights (vLLM's load_format="dummy")
 QUESTION = "What is in the picture? Answer briefly."
-SHAPE_MEMORY_FRACTION = 0.72  # vLLM's CPU backend: weights + KV cache (14.6 GB of bf16 weights need > 0.6 of 24 GB)
+SHAPE_MEMORY_FRACTION = 0.70  # vLLM's CPU backend: weights + KV cache (14.6 GB of bf16 weights need > 0.6 of 24 GB)
 SHAPE_MARGIN_BYTES = 3 * 2**30  # the fp32 tower + projector copy, activations, Python
 
 
@@ -66,6 +66,20 @@ def check_shape_fits(available: int) -> None:
                          f"{available / 2**30:.1f} GiB is available: free memory, or serve --tiny")
 
 
+def tower_copy():
+    """LLaVA-1.5-7B's tower and projector at exact size in float32 with a one-wide stand-in decoder
+    (vLLM holds the LLM; this copy's decoder never runs): what ``Engine.encode`` reduces with."""
+    from transformers import LlavaForConditionalGeneration
+
+    from visionzip_eval.testing import llava15_7b_config, tiny_processor
+
+    config = llava15_7b_config(1)
+    config.text_config.intermediate_size = 1
+    config.text_config.vocab_size = 512
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval(), tiny_processor()
+
+
 def _load(pretrained: str, max_num_seqs: int, memory_fraction: float | None):
     """(served engine, roofline facts record, decoder shape, what was loaded)."""
     from visionzip_eval import roofline
@@ -77,18 +91,14 @@ def _load(pretrained: str, max_num_seqs: int, memory_fraction: float | None):
 
         from visionzip_eval.bench import _parameter_counts
         from visionzip_eval.serving.checkpoint import shape_checkpoint
-        from visionzip_eval.testing import build_llava15_7b_shape, llava15_7b_config
+        from visionzip_eval.testing import llava15_7b_config
 
         check_shape_fits(psutil.virtual_memory().available)
-        # the tower and projector at exact size in float32; vLLM holds the LLM, so this copy's decoder,
-        # embeddings and head (never run) shrink to nothing
-        model, processor = build_llava15_7b_shape(1, torch.float32)
-        text = model.model.language_model
-        text.embed_tokens, text.layers = torch.nn.Embedding(1, text.config.hidden_size), torch.nn.ModuleList()
-        model.lm_head = torch.nn.Linear(text.config.hidden_size, 1, bias=False)
+        # vLLM first: its CPU backend checks the free memory against its fraction at start-up
         folder = shape_checkpoint(Path(tempfile.mkdtemp(prefix="visionzip-vllm-shape-")))
-        llm = new_llm(folder, torch.bfloat16, max_num_seqs=max_num_seqs, max_model_len=2048,
+        llm = new_llm(folder, torch.bfloat16, max_num_seqs=max_num_seqs, max_model_len=1024,
                       memory_fraction=memory_fraction or SHAPE_MEMORY_FRACTION, load_format="dummy")
+        model, processor = tower_copy()
         served = ServedEngine(Engine(model, processor), llm, torch.bfloat16)
         config = llava15_7b_config(32)
         _, per_layer, _ = _parameter_counts(32)
