@@ -78,6 +78,8 @@ def shape_checkpoint(directory: str | Path, layers: int = 32) -> Path:
 
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    llava15_7b_config(layers).save_pretrained(target)
+    config = llava15_7b_config(layers)
+    config.architectures = ["LlavaForConditionalGeneration"]  # without it vLLM does not pick its generate runner
+    config.save_pretrained(target)
     tiny_processor().save_pretrained(target)
     return target
