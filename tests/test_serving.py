@@ -139,3 +139,13 @@ def test_serve_json_reads_back_into_a_plot(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"method": "x"}]}))
     with pytest.raises(ValueError, match="not bench serve --json output"):
         read_serve_json(tmp_path / "bad.json")
+
+
+def test_the_7b_shape_folder_names_its_architecture_and_shape(tmp_path):
+    folder = checkpoint.shape_checkpoint(tmp_path / "shape")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]  # vLLM's generate runner needs it
+    text = config["text_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"], text["vocab_size"]) == (
+        4096, 32, 11008, 32064)
+    assert (folder / "tokenizer.json").is_file() and not list(folder.glob("*.safetensors"))
