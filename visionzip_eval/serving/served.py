@@ -168,7 +168,6 @@ class ServedEngine:
                 batch_size=len(requests),
                 vision_ms=vision_ms,
                 batch_wall_ms=wall_ms,
-                engine="vllm",
                 **request_timings(out),
             )
             results.append(Output(text=completion.text.strip(), metrics=metrics))
