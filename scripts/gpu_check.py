@@ -14,6 +14,9 @@ the next, and the summary is rewritten after each (a kill loses nothing already 
 4. ``accuracy``: MME + POPE at full and 64 tokens (``configs/ci_gpu.yaml``, limit 200; the tiny
    trained model on the synthetic tasks when the weights are absent), and a ``baselines/gpu_ci.json``
    candidate written from it.
+5. ``serve``: ``bench serve`` (the tiny trained model served by vLLM, VisionZip and DivPrune at full and
+   64, concurrency 1 and 8); skipped, saying why, where vLLM is not importable (run the script with
+   ``PYTHON=.venv-vllm/bin/python`` after ``scripts/setup_vllm.sh`` with the official ``vllm``).
 """
 
 from __future__ import annotations
@@ -213,8 +216,21 @@ def step_accuracy(ctx: Context) -> dict:
                                                 for key, values in baseline["runs"].items()})
 
 
+def step_serve(ctx: Context) -> dict:
+    from visionzip_eval.serving.bench import bench_serve, format_serve
+    from visionzip_eval.serving.served import vllm_unavailable
+
+    _need_cuda(ctx)
+    if reason := vllm_unavailable():
+        raise Skip(reason)
+    rows, info = bench_serve(TINY, methods=("visionzip", "divprune"), budgets=("full", 64), concurrency=(1, 8),
+                             requests=8, progress=ctx.progress)
+    (ctx.output_dir / "serve.md").write_text(format_serve(rows, info) + "\n", encoding="utf-8")
+    return dict(run=info, rows=rows)
+
+
 STEPS: dict[str, Callable[[Context], dict]] = dict(cuda=step_cuda, parity=step_parity, realsize=step_realsize,
-                                                   accuracy=step_accuracy)
+                                                   accuracy=step_accuracy, serve=step_serve)
 
 
 # -- driver --------------------------------------------------------------------------------------

@@ -74,3 +74,20 @@ def test_rows_carry_roofline_and_kv_cache_on_a_stand_in(monkeypatch):
     table = bench.format_realsize(rows, info)
     assert "1 of its 32 decoder layers" in table and "| visionzip | 64 | 64 / 64 |" in table
     assert "process's peak RSS" in table
+
+
+def test_batched_rows_report_requests_per_second_per_batch_size(monkeypatch):
+    monkeypatch.setattr(testing, "build_llava15_7b_shape",
+                        lambda layers, dtype, device: testing.build_tiny_llava(seed=0))
+    rows, info = bench.bench_realsize(budgets=("full", 64), repeats=1, layers=1, progress=lambda msg: None,
+                                      batches=(1, 2))
+    assert [(r["batch"], r["budget"]) for r in rows] == [(1, "full"), (1, "64"), (2, "full"), (2, "64")]
+    for row in rows:
+        assert row["requests_per_s"] == pytest.approx(row["batch"] / (row["ttft_ms"] / 1e3))
+    assert rows[0]["requests_per_s_speedup"] == rows[2]["requests_per_s_speedup"] == 1.0
+    # the batch's KV cache is the batch's; the roofline reads the weights once for the batch
+    assert rows[2]["kv_cache_bytes"] == 2 * rows[0]["kv_cache_bytes"]
+    assert rows[0]["prefill_roofline_ms"] < rows[2]["prefill_roofline_ms"] <= 2 * rows[0]["prefill_roofline_ms"] * (1 + 1e-9)
+    assert "| 2 | " in bench.format_realsize(rows, info)
+    with pytest.raises(ValueError, match="batch sizes must be integers >= 1"):
+        bench.bench_realsize(batches=(0,), progress=lambda msg: None)

@@ -100,3 +100,15 @@ def test_parity_step_compares_fp16_with_the_same_weights_in_float32(tmp_path, mo
     for precision in ("float32", "reference"):
         overlap = figures[f"fp16_{precision}_overlap_with_fp32"]
         assert 0.9 <= overlap["min"] <= overlap["mean"] <= 1.0
+
+
+def test_the_serve_step_is_skipped_with_its_reason(tmp_path, no_cuda, monkeypatch):
+    assert gpu_check.run_checks(tmp_path, ["serve"], progress=lambda msg: None) == 2
+    step = json.loads((tmp_path / "gpu_check.json").read_text())["steps"][0]
+    assert (step["name"], step["status"]) == ("serve", "skipped") and "no CUDA GPU" in step["detail"]
+    # a GPU without vLLM: skipped, saying how to get it
+    monkeypatch.setattr(gpu_check, "_need_cuda", lambda ctx: None)
+    monkeypatch.setattr("visionzip_eval.serving.served.vllm_unavailable", lambda: "vLLM is not importable here")
+    assert gpu_check.run_checks(tmp_path, ["serve"], progress=lambda msg: None) == 2
+    step = json.loads((tmp_path / "gpu_check.json").read_text())["steps"][0]
+    assert step["status"] == "skipped" and step["detail"] == "vLLM is not importable here"

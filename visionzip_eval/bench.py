@@ -114,9 +114,10 @@ def _configs(budgets, methods) -> list[tuple[str, str]]:
     return configs + [(m, str(b)) for m in methods for b in budgets if str(b) != "full"]
 
 
-def _round_robin(model, processor, configs, repeats: int, progress: Callable[[str], None]) -> dict:
+def _round_robin(model, processor, configs, repeats: int, progress: Callable[[str], None], batch: int = 1) -> dict:
     """Each config's per-request metrics (engine records) over ``repeats`` rounds of one
-    request per config, after a warm-up round: drift in machine load hits all alike."""
+    request (``batch`` > 1: one batch of that many) per config, after a warm-up round: drift in
+    machine load hits all alike."""
     from visionzip_eval.engine import Engine, Generation, Request
     from visionzip_eval.methods import MethodSpec
     from visionzip_eval.testing import sample_images
@@ -131,7 +132,7 @@ def _round_robin(model, processor, configs, repeats: int, progress: Callable[[st
             for config in configs:
                 progress(f"round {index + 1}/{repeats + 1}: {config[0]} at {config[1]}")
                 engine.set_reducer(reducers[config])
-                metrics = engine.generate([request], settings)[0].metrics
+                metrics = engine.generate([request] * batch, settings)[0].metrics
                 if index:
                     samples[config].append(metrics)
     finally:
@@ -283,9 +284,12 @@ def bench_realsize(
     max_minutes: float = 30.0,
     methods: tuple[str, ...] = ("visionzip",),
     progress: Callable[[str], None] = print,
+    batches: tuple[int, ...] = (1,),
 ) -> tuple[list[dict], dict]:
     """Prefill and TTFT of LLaVA-1.5-7B's exact architecture (random weights) at each budget,
     round-robin, beside the FLOPs-predicted and roofline-predicted speed-ups and the peak memory.
+    ``batches``: batch sizes (a batch of b copies of the request, one generate call): each row
+    carries its batch and requests/s (b / the batch's TTFT), speed-ups within its batch size.
 
     Refuses in one line, before building anything, when the weights do not fit in free memory
     (naming the largest layer count that does) or when the run would take over ``max_minutes``
@@ -296,11 +300,13 @@ def bench_realsize(
     from visionzip_eval.profiling import machine_probe
     from visionzip_eval.backends.llava_hf import LLAVA15_7B, build_llava15_7b_shape
 
+    if not batches or any(not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"batch sizes must be integers >= 1, got {list(batches)}")
     device, torch_dtype = _resolve(device, dtype)
     needed = check_fits(layers, torch_dtype, _free_bytes(device))
     progress(f"probing {str(torch_dtype).removeprefix('torch.')} matmul speed on {device}")
     tflops = matmul_tflops(device, torch_dtype)
-    seconds = estimate_seconds(layers, budgets, methods, repeats, tflops)
+    seconds = estimate_seconds(layers, budgets, methods, repeats, tflops) * sum(batches)
     if seconds > max_minutes * 60:
         raise ValueError(f"at the measured {tflops * 1e3:.1f} GFLOP/s this run would take about {seconds / 60:.0f} "
                          f"min (over --max-minutes {max_minutes:g}): use --dtype float32 on a CPU, fewer --layers "
@@ -315,18 +321,25 @@ def bench_realsize(
         limit = roofline.Device(f"{name} (probe: {str(torch_dtype).removeprefix('torch.')} matmul, copy)",
                                 tflops, copy_gbs, "bench realsize's own probe")
     facts = roofline.ModelFacts.from_record(roofline.describe(backend_for(model), device))
+    rows = []
     try:
-        rows = _prefill_rows(_round_robin(model, processor, _configs(budgets, methods), repeats, progress))
+        for batch in batches:
+            group = _prefill_rows(_round_robin(model, processor, _configs(budgets, methods), repeats, progress, batch))
+            for row in group:
+                cached = row["prompt_tokens"] - row["visual_tokens"] + row["visual_tokens_after_pruning"]
+                bound = roofline.request_bound(facts, limit, row["prefill_tflops"] * 1e12, cached,
+                                               row["vision_tflops"] * 1e12, batch=batch)
+                row.update(batch=batch, requests_per_s=batch / (row["ttft_ms"] / 1e3),
+                           prefill_roofline_ms=bound.prefill_ms, ttft_roofline_ms=bound.ttft_ms,
+                           roofline_bound_by=bound.prefill.bound_by,
+                           kv_cache_bytes=batch * cached * facts.kv_bytes_per_position)
+            for row in group:
+                row["prefill_vs_roofline"] = row["prefill_ms"] / row["prefill_roofline_ms"]
+                row["roofline_predicted_speedup"] = group[0]["prefill_roofline_ms"] / row["prefill_roofline_ms"]
+                row["requests_per_s_speedup"] = row["requests_per_s"] / group[0]["requests_per_s"]
+            rows += group
     finally:
         del model
-    for row in rows:
-        cached = row["prompt_tokens"] - row["visual_tokens"] + row["visual_tokens_after_pruning"]
-        bound = roofline.request_bound(facts, limit, row["prefill_tflops"] * 1e12, cached, row["vision_tflops"] * 1e12)
-        row.update(prefill_roofline_ms=bound.prefill_ms, ttft_roofline_ms=bound.ttft_ms,
-                   roofline_bound_by=bound.prefill.bound_by, kv_cache_bytes=cached * facts.kv_bytes_per_position)
-    for row in rows:
-        row["prefill_vs_roofline"] = row["prefill_ms"] / row["prefill_roofline_ms"]
-        row["roofline_predicted_speedup"] = rows[0]["prefill_roofline_ms"] / row["prefill_roofline_ms"]
     info = dict(layers=layers, of_layers=LLAVA15_7B["text_layers"], dtype=str(torch_dtype).removeprefix("torch."),
                 device=name, weights_gib=(needed - MEMORY_MARGIN_BYTES) / 2**30, roofline_device=limit.describe(),
                 matmul_tflops=tflops, copy_gbs=copy_gbs, threads=torch.get_num_threads())
@@ -343,8 +356,8 @@ def format_realsize(rows: list[dict], info: dict) -> str:
         "",
         "| method | budget | visual tokens in / kept | prompt tokens | vision ms | prefill ms (min-max) | TTFT ms "
         "| prefill TFLOPs | prefill speed-up | FLOPs-predicted | roofline prefill ms | measured / roofline "
-        "| roofline-predicted | bound by | KV cache MiB | peak memory GiB |",
-        "|" + "---|" * 16,
+        "| roofline-predicted | bound by | KV cache MiB | peak memory GiB | batch | requests/s (speed-up) |",
+        "|" + "---|" * 18,
     ]
     for r in rows:
         lines.append(
@@ -353,7 +366,8 @@ def format_realsize(rows: list[dict], info: dict) -> str:
             f"{r['prefill_ms_max']:.1f}) | {r['ttft_ms']:.1f} | {r['prefill_tflops']:.3f} | {r['prefill_speedup']:.2f}x "
             f"| {r['flops_predicted_speedup']:.2f}x | {r['prefill_roofline_ms']:.2f} | {r['prefill_vs_roofline']:.2f} "
             f"| {r['roofline_predicted_speedup']:.2f}x | {r['roofline_bound_by']} | {r['kv_cache_bytes'] / 2**20:.1f} "
-            f"| {r['peak_memory_bytes'] / 2**30:.2f} |"
+            f"| {r['peak_memory_bytes'] / 2**30:.2f} | {r['batch']} | {r['requests_per_s']:.2f} "
+            f"({r['requests_per_s_speedup']:.2f}x) |"
         )
     kind = rows[0]["peak_memory_kind"]
     lines += ["", "peak memory: " + ("the CUDA allocator's peak during each request" if kind == "cuda_max_allocated"

@@ -99,8 +99,23 @@ def _cmd_bench_realsize(args: argparse.Namespace) -> int:
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     rows, info = bench_realsize(budgets=tuple(args.budgets), repeats=args.repeats, layers=args.layers,
                                 dtype=args.dtype, device=args.device, max_minutes=args.max_minutes,
-                                methods=tuple(args.methods), progress=progress)
+                                methods=tuple(args.methods), progress=progress, batches=tuple(args.batch))
     print(json.dumps(dict(rows=rows, run=info), indent=2) if args.json else format_realsize(rows, info))
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from visionzip_eval.serving.bench import REALSIZE, bench_serve, format_serve
+
+    if args.tiny + args.realsize + (args.pretrained is not None) > 1:
+        raise ValueError("give one of --tiny, --realsize and --pretrained")
+    pretrained = REALSIZE if args.realsize else args.pretrained or "builtin:tiny-llava-synth"
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
+    rows, info = bench_serve(pretrained, methods=tuple(args.methods), budgets=tuple(args.budgets),
+                             concurrency=tuple(args.concurrency), requests=args.requests,
+                             max_new_tokens=args.max_new_tokens, memory_fraction=args.memory_fraction,
+                             progress=progress)
+    print(json.dumps(dict(rows=rows, run=info), indent=2) if args.json else format_serve(rows, info))
     return 0
 
 
@@ -589,9 +604,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     b.add_argument("--max-minutes", type=float, default=30.0,
                    help="refuse when the measured matmul rate says the run takes longer (default 30)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="batch sizes (b copies of the request per generate call); rows report requests/s (default 1)")
     b.add_argument("--json", action="store_true", help="print JSON (rows and run facts) instead of the table")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=_cmd_bench_realsize)
+    b = bench.add_parser(
+        "serve",
+        help="pre-LLM methods served by vLLM: requests/s, TTFT and latency per method, budget and concurrency",
+        description="A real vLLM engine (run it from .venv-vllm: scripts/setup_vllm.sh) serving the tiny trained model, "
+        "a pretrained= checkpoint folder, or LLaVA-1.5-7B's shape with random weights (--realsize, bfloat16): the "
+        "method reduces the tower output in transformers and vLLM's LLM receives the rows as image embeddings. "
+        "Per (method, budget, concurrency C), round-robin, batches of C distinct requests: requests/s, prompt "
+        "tokens/s, TTFT and end-to-end p50/p90, the tower+reduction time, peak memory, beside the FLOPs- and "
+        "roofline-predicted speed-ups at batch C, with the machine probe and noisy flag.",
+    )
+    b.add_argument("--methods", nargs="+", default=["visionzip"], help="pre-LLM methods (default: visionzip)")
+    b.add_argument("--budgets", nargs="+", default=["full", "192", "128", "64"], help="budgets, full first")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="requests per batch (1 8 32)")
+    b.add_argument("--requests", type=int, default=8, help="timed requests per row, at least (whole batches; 8)")
+    b.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per request (EOS ignored; 8)")
+    b.add_argument("--tiny", action="store_true", help="the tiny trained model (builtin:tiny-llava-synth; default)")
+    b.add_argument("--realsize", action="store_true", help="LLaVA-1.5-7B's shape, random weights, bfloat16 (~17 GiB)")
+    b.add_argument("--pretrained", default=None, help="a local LLaVA-1.5 checkpoint folder")
+    b.add_argument("--memory-fraction", type=float, default=None,
+                   help="vLLM's gpu_memory_utilization (on the CPU: weights + KV cache; 0.1 tiny, 0.72 realsize)")
+    b.add_argument("--json", action="store_true", help="print JSON (rows and run facts) instead of the table")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=_cmd_bench_serve)
     return parser
 
 

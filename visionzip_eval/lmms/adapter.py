@@ -14,7 +14,9 @@ square on the processor's mean colour, as the original LLaVA-1.5 and the paper; 
 and centre-crop; default: what the checkpoint's processor does, crop for llava-hf); ``device``; ``dtype`` (auto, float16, bfloat16, float32); ``attn_implementation``;
 ``batch_size``; ``seed``; ``max_frames`` (frames sampled per video); ``max_new_tokens``
 (when a task sets none); ``warmup`` (first requests flagged and left out of aggregates);
-``output_dir`` (where ``efficiency.jsonl`` goes; default: lmms-eval's ``--output_path``).
+``output_dir`` (where ``efficiency.jsonl`` goes; default: lmms-eval's ``--output_path``);
+``engine`` (transformers, or vllm: the LLM served by vLLM with the method's reduced rows as image
+embeddings, ``visionzip_eval.serving``; pre-LLM methods, single-turn image tasks, run from ``.venv-vllm``).
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def resolve_budget(budget, dominant, contextual) -> Budget:
 ADAPTER_ARGS = (
     "pretrained", "budget", "dominant", "contextual", "method", "image_aspect", "device", "dtype",
     "attn_implementation", "batch_size", "seed", "max_frames", "max_new_tokens", "warmup", "output_dir",
+    "engine",
 )
+ENGINES = ("transformers", "vllm")
 
 
 def resolve_method(method: str | MethodSpec, options: dict) -> MethodSpec:
@@ -113,10 +117,19 @@ class VisionZipLMM(lmms):
         output_dir: str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed here
         model: Any = None,  # an already loaded (model, processor): the sweep runner's path
+        engine: str = "transformers",
         **method_options,
     ) -> None:
         super().__init__()
         self.method = resolve_method(method, method_options)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine == "vllm":  # refused before anything loads
+            from visionzip_eval.serving.served import check_servable, vllm_unavailable
+
+            check_servable(self.method)
+            if reason := vllm_unavailable():
+                raise ValueError(reason)
         self.budget = resolve_budget(budget, dominant, contextual)
         image_aspect = parse_image_aspect(image_aspect)  # a bad value fails before the model loads
         self._device = resolve_device(device)
@@ -135,7 +148,13 @@ class VisionZipLMM(lmms):
             loaded, processor = model
             self.dtype = next(loaded.parameters()).dtype
         reducer = self.method.build(self.budget, seed=int(seed))
-        self.engine = Engine(loaded, processor, reducer, self._device, image_aspect=image_aspect)
+        if engine == "vllm":
+            from visionzip_eval.serving.served import ServedEngine
+
+            self.engine = ServedEngine.load(loaded, processor, reducer, self.pretrained, image_aspect=image_aspect,
+                                            max_num_seqs=max(self.batch_size_per_gpu, 8))
+        else:
+            self.engine = Engine(loaded, processor, reducer, self._device, image_aspect=image_aspect)
         self.attn_implementation = getattr(loaded.config, "_attn_implementation", None)
         self.efficiency = EfficiencyLog(
             output_dir or _cli_output_path(sys.argv[1:]),
@@ -151,6 +170,7 @@ class VisionZipLMM(lmms):
                 dtype=str(self.dtype).replace("torch.", ""),
                 attn_implementation=self.attn_implementation,
                 image_aspect=self.engine.image_aspect,
+                engine=engine,
             ),
         )
         logger.info(

@@ -31,6 +31,8 @@ class ModelSpec(_Strict):
         description="LLaVA-1.5: pad = square on the processor's mean colour (the original LLaVA-1.5 and the "
         "paper), crop = resize and centre-crop (the llava-hf processors); unset: the checkpoint's own",
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="vllm: the LLM served by vLLM (pre-LLM methods; run from .venv-vllm)")
     args: dict[str, Any] = Field(default_factory=dict, description="other adapter model_args")
 
     @field_validator("image_aspect", mode="before")
@@ -47,6 +49,10 @@ class ModelSpec(_Strict):
             raise ValueError(
                 f"image_aspect is {self.image_aspect} but args.image_aspect is {given}: give it once, as image_aspect"
             )
+        if self.engine != "transformers":  # travels with the model_args too
+            if self.args.get("engine", self.engine) != self.engine:
+                raise ValueError(f"engine is {self.engine} but args.engine is {self.args['engine']}: give it once, as engine")
+            self.args = {**self.args, "engine": self.engine}
         aspect = self.image_aspect or given
         if aspect is not None:
             self.image_aspect = aspect
