@@ -71,7 +71,7 @@ def tower_copy():
     (vLLM holds the LLM; this copy's decoder never runs): what ``Engine.encode`` reduces with."""
     from transformers import LlavaForConditionalGeneration
 
-    from visionzip_eval.testing import llava15_7b_config, tiny_processor
+    from visionzip_eval.backends.llava_hf import llava15_7b_config, tiny_processor
 
     config = llava15_7b_config(1)
     config.text_config.intermediate_size = 1

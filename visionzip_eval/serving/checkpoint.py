@@ -74,7 +74,7 @@ def vllm_checkpoint(pretrained: str, directory: str | Path) -> Path:
 def shape_checkpoint(directory: str | Path, layers: int = 32) -> Path:
     """LLaVA-1.5-7B's config (``layers`` decoder layers) and the tiny tokenizer: what vLLM needs with
     ``load_format="dummy"`` (random weights, nothing read from disk)."""
-    from visionzip_eval.testing import llava15_7b_config, tiny_processor
+    from visionzip_eval.backends.llava_hf import llava15_7b_config, tiny_processor
 
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
