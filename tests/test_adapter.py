@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from helpers import doc_visuals, generate_requests
 from lmms_eval.api.instance import Instance
 

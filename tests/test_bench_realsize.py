@@ -77,8 +77,8 @@ def test_rows_carry_roofline_and_kv_cache_on_a_stand_in(monkeypatch):
 
 
 def test_batched_rows_report_requests_per_second_per_batch_size(monkeypatch):
-    monkeypatch.setattr(testing, "build_llava15_7b_shape",
-                        lambda layers, dtype, device: testing.build_tiny_llava(seed=0))
+    monkeypatch.setattr(llava_hf, "build_llava15_7b_shape",
+                        lambda layers, dtype, device: llava_hf.build_tiny_llava(seed=0))
     rows, info = bench.bench_realsize(budgets=("full", 64), repeats=1, layers=1, progress=lambda msg: None,
                                       batches=(1, 2))
     assert [(r["batch"], r["budget"]) for r in rows] == [(1, "full"), (1, "64"), (2, "full"), (2, "64")]

@@ -133,7 +133,6 @@ def test_interval_width_shrinks_with_n():
 # -- the report and `compare` on a handcrafted sweep with per-sample results ------------------------
 
 from visionzip_eval.cli import main  # noqa: E402
-from visionzip_eval.report import load_results, score_tables  # noqa: E402
 from synthetic import MODEL, make_results, run_id  # noqa: E402
 from visionzip_eval.report.tables import TableOptions, limit_caption  # noqa: E402
 

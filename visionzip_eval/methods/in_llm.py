@@ -27,8 +27,8 @@ import torch
 from visionzip_eval.methods import llm_pruning
 from visionzip_eval.backends.base import VLMBackend
 from visionzip_eval.methods.llm_pruning import LayerView, Prune
-from visionzip_eval.methods.base import TokenReducer, check_choice, check_tokens, top_positions
-from visionzip_eval.selection import SELECTION_PRECISIONS, Selection, work_dtype
+from visionzip_eval.methods.base import TokenReducer, check_tokens, top_positions
+from visionzip_eval.selection import Selection, work_dtype
 
 
 @dataclass

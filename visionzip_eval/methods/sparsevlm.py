@@ -216,7 +216,7 @@ class SparseVLM(InLLMReducer):
             if self.count == "kept" and view.layer == max(self.prune_layers(view.num_layers)):
                 kept = self._exact_last(view, current)
         keep = self.keep_top(scores, visual, kept)
-        merged, positions, real = [], [], []
+        merged = []
         for row in range(batch):
             deleted = torch.nonzero(visual[row] & ~keep[row]).flatten()
             if len(deleted) == 0:

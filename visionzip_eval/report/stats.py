@@ -19,7 +19,6 @@ bootstrap of the difference otherwise. See docs/statistics.md.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache

@@ -135,7 +135,7 @@ def bench_serve(
     from visionzip_eval.bench import _configs, matmul_tflops
     from visionzip_eval.engine import Request
     from visionzip_eval.methods.registry import MethodSpec
-    from visionzip_eval.profiling import PeakMemory, machine_probe, machine_record, prefill_flops
+    from visionzip_eval.profiling import PeakMemory, machine_probe, machine_record
 
     specs = [check_servable(m) for m in methods]
     if not concurrency or any(not isinstance(c, int) or c < 1 for c in concurrency):
