@@ -123,6 +123,16 @@ def test_retention_interval_covers_its_point_and_is_one_for_identical_runs():
     assert same == pytest.approx((100.0, 100.0, 100.0))
 
 
+def test_retention_interval_survives_draws_where_the_full_model_scores_zero():
+    """With n=2 many resamples leave the full-budget run 0 right (the demo at --limit 2 crashed on
+    a division by zero); those draws are dropped, and a full score of 0 itself gives no Avg."""
+    full = _binary([1, 0])
+    reduced = _binary([1, 1])
+    point, low, high = S.retention_interval([(reduced, full)])
+    assert point == pytest.approx(200.0) and low <= point <= high
+    assert all(math.isnan(x) for x in S.retention_interval([(reduced, _binary([0, 0]))]))
+
+
 def test_interval_width_shrinks_with_n():
     small = S.interval(_binary([1, 0] * 10))
     large = S.interval(_binary([1, 0] * 1000))

@@ -249,17 +249,26 @@ def retention_interval(pairs: list[tuple[Units, Units]], seed: int = SEED,
     if not aligned:
         return math.nan, math.nan, math.nan
 
-    def avg(indices):
-        ratios = [r.score(i) / f.score(i) for (r, f), i in zip(aligned, indices)]
-        ratios = [x for x in ratios if math.isfinite(x)]
-        return 100.0 * float(np.mean(ratios)) if ratios else math.nan
+    def ratios(indices) -> list[float]:
+        """score / full-budget score per benchmark; NaN where the full score is 0 (undefined)."""
+        out = []
+        for (r, f), i in zip(aligned, indices):
+            full_score = f.score(i)
+            out.append(r.score(i) / full_score if full_score else math.nan)
+        return out
 
-    point = avg([None] * len(aligned))
+    point_ratios = ratios([None] * len(aligned))
+    defined = [math.isfinite(x) for x in point_ratios]
+    if not any(defined):
+        return math.nan, math.nan, math.nan
+    point = 100.0 * float(np.mean([x for x in point_ratios if math.isfinite(x)]))
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(iterations):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            draws.append(avg([_resample(r.n, r.strata, rng) for r, _ in aligned]))
+        drawn = [x for x, keep in zip(ratios([_resample(r.n, r.strata, rng) for r, _ in aligned]), defined) if keep]
+        # a draw whose full-budget score is 0 on a benchmark the point estimate averages is not the
+        # same statistic: it is dropped rather than averaged over fewer benchmarks
+        draws.append(100.0 * float(np.mean(drawn)) if all(math.isfinite(x) for x in drawn) else math.nan)
     draws = np.array(draws)
     draws = draws[np.isfinite(draws)]
     if not len(draws):
