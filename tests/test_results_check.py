@@ -55,5 +55,8 @@ def test_one_rule_for_the_newest_results_file_by_name_not_file_time(tmp_path):
     old = lmms / "20260101_000000_results.json"
     old.write_text(json.dumps({"results": {}}))
     os.utime(new, (1_000_000, 1_000_000))  # as `cp` without -p leaves them: the older file looks newer
+    # lmms-eval's MMBench writes its submission file beside them, named without a date
+    (lmms / "submissions").mkdir()
+    (lmms / "submissions" / "mmbench_en_dev_static_results.json").write_text(json.dumps({"rows": []}))
     assert latest_results_file(tmp_path / "lmms_eval") == new
     assert RunFolder(tmp_path).results() == RESULTS

@@ -143,8 +143,10 @@ def efficiency_row(**fields) -> dict:
 # -- reading a run folder ----------------------------------------------------------------------
 def newest(files) -> Path | None:
     """The newest of lmms-eval's dated files: the last by file name, whose date sorts as text
-    (file times are not trusted: copying a results folder changes them)."""
-    files = sorted(files, key=lambda path: (path.name, str(path)))
+    (file times are not trusted: copying a results folder changes them). Only names that start
+    with their date count: MMBench also writes ``submissions/<task>_results.json``, which would
+    otherwise sort after every date."""
+    files = sorted((path for path in files if path.name[:1].isdigit()), key=lambda path: (path.name, str(path)))
     return files[-1] if files else None
 
 
