@@ -93,3 +93,34 @@ def test_only_the_cli_reaches_the_demos_and_testing_imports_no_model_code():
             demos = sorted(t for t in targets if t.startswith("visionzip_eval.demos"))
             assert not demos, f"{module} imports the demos {demos}"
     assert edges["visionzip_eval.testing"] == set()  # sample images only: the tiny models live with their families
+
+
+def test_every_import_of_the_package_resolves_lazy_ones_included():
+    """A name imported inside a function is looked up only when that function runs: after a move
+    (tiny builders into the backends, demos/) such an import broke ``bench serve --realsize``
+    and no test ran it. Every ``from visionzip_eval... import name`` in the package, scripts and
+    tests must name a module or an attribute that exists."""
+    import importlib
+
+    root = PACKAGE.parent
+    missing = []
+    for folder in (PACKAGE, root / "scripts", root / "tests"):
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (isinstance(node, ast.ImportFrom) and node.level == 0
+                        and (node.module or "").startswith("visionzip_eval")):
+                    continue
+                where = f"{path.relative_to(root)}:{node.lineno}"
+                try:
+                    module = importlib.import_module(node.module)
+                except ModuleNotFoundError as error:
+                    missing.append(f"{where}: {error}")
+                    continue
+                for alias in node.names:
+                    if alias.name == "*" or hasattr(module, alias.name):
+                        continue
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ModuleNotFoundError:
+                        missing.append(f"{where}: {node.module} has no {alias.name}")
+    assert not missing, "\n".join(missing)

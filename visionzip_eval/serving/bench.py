@@ -91,7 +91,7 @@ def _load(pretrained: str, max_num_seqs: int, memory_fraction: float | None):
 
         from visionzip_eval.bench import _parameter_counts
         from visionzip_eval.serving.checkpoint import shape_checkpoint
-        from visionzip_eval.testing import llava15_7b_config
+        from visionzip_eval.backends.llava_hf import llava15_7b_config
 
         check_shape_fits(psutil.virtual_memory().available)
         # vLLM first: its CPU backend checks the free memory against its fraction at start-up
