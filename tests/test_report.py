@@ -4,6 +4,7 @@ All on handcrafted results folders in the sweep runner's exact format (tests/syn
 no model runs here.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -213,6 +214,26 @@ def test_efficiency_table(results):
     assert vz64["peak_gib"] == pytest.approx((14e9 + 64e6) / 2**30)
     assert vz64["requests"] == 15 and vz64["failed"] == 3  # 3 tasks x (5 measured, 1 failed)
     assert full["prefill_speedup"] == pytest.approx(1.0)
+
+
+def test_requests_per_second_counts_a_batch_wall_time_once(results):
+    """Requests of one batch each carry the batch's end-to-end time: wall time counts it once, so
+    the same requests at batch 4 show 4x the requests/s of batch 1 (and 'Total time' a quarter)."""
+    requests = results.requests
+    measured = requests["measured"].astype(bool)
+    single = efficiency_tables(results)[0].frame.set_index(["method", "budget"])
+    quad = efficiency_tables(dataclasses.replace(results, requests=requests.assign(batch_size=4.0)))[0].frame
+    quad = quad.set_index(["method", "budget"])
+    rows = requests[measured & (requests["method"] == "visionzip") & (requests["budget"] == "64")
+                    & requests["task"].notna()]
+    wall = rows["total_ms"].sum() / 1e3
+    vz = single.loc[("visionzip", "64")]
+    assert vz["batch"] == 1 and vz["total_s"] == pytest.approx(wall)
+    assert vz["requests_per_s"] == pytest.approx(len(rows) / wall)
+    assert quad.loc[("visionzip", "64"), "batch"] == 4
+    assert quad.loc[("visionzip", "64"), "requests_per_s"] == pytest.approx(4 * vz["requests_per_s"])
+    full = single.loc[("none", "full")]
+    assert vz["throughput_speedup"] == pytest.approx(vz["requests_per_s"] / full["requests_per_s"])
 
 
 # -- rendered report -------------------------------------------------------------------------------

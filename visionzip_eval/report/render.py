@@ -37,6 +37,8 @@ def format_value(value, fmt: str) -> str:
         return f"{value:.2f}×" if abs(value) < 10 else f"{value:.1f}×" if abs(value) < 1000 else f"{value:.0f}×"
     if fmt == "tflops":
         return f"{value:.3g}"
+    if fmt == "rate":
+        return f"{value:.3g}"
     if fmt == "speedup":
         return f"{value:.2f}×"
     return f"{value:g}"

@@ -48,7 +48,7 @@ class TableOptions:
 class Column:
     key: str
     header: str
-    fmt: str  # score_pct, score_pts, avg, delta, int, ms, ms_sig, ratio, gib, tflops, speedup, seconds
+    fmt: str  # score_pct, score_pts, avg, delta, int, ms, ms_sig, ratio, gib, tflops, speedup, seconds, rate
     better: str | None = None  # "max", "min" or None (never bold)
     sub: str = ""  # shown after the header in Markdown/LaTeX only (the sample size: " (n=240)")
 
@@ -543,10 +543,13 @@ EFFICIENCY_COLUMNS = [
     Column("e2e_p50", "End-to-end ms p50", "ms", "min"),
     Column("e2e_p90", "End-to-end ms p90", "ms", "min"),
     Column("total_s", "Total time s", "seconds", "min"),
+    Column("batch", "Batch", "int", None),
+    Column("requests_per_s", "Requests/s", "rate", "max"),
     Column("peak_gib", "Peak memory GiB", "gib", "min"),
     Column("tflops", "TFLOPs/request", "tflops", "min"),
     Column("prefill_speedup", "Prefill speed-up", "speedup", "max"),
     Column("e2e_speedup", "End-to-end speed-up", "speedup", "max"),
+    Column("throughput_speedup", "Requests/s speed-up", "speedup", "max"),
     # roofline.py's lower bounds: what the device allows, and how far the measurement is from it
     Column("roofline_p50", "Prefill roofline ms", "ms_sig", None),
     Column("roofline_ratio", "Prefill measured / roofline", "ratio", None),
@@ -583,6 +586,9 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
             return med(measured[measured_key] / measured[bound_key].where(measured[bound_key] > 0))
 
         total = reqs["budget_total"].iloc[0]
+        # a batch's requests each carry the batch's end-to-end time: its wall time counts once
+        batch = pd.to_numeric(measured["batch_size"], errors="coerce").fillna(1).clip(lower=1)
+        wall_s = float((pd.to_numeric(measured["total_ms"], errors="coerce") / batch).sum()) / 1e3
         bound_by = measured["roofline_bound_by"].dropna()
         bounded = measured[measured["prefill_roofline_ms"].notna()]
         work[(method, budget)] = bounded
@@ -595,7 +601,8 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
             ttft_p50=med(measured["ttft_ms"]),
             decode_per_token_p50=med(measured["decode_ms_per_token"]),
             e2e_p50=med(measured["total_ms"]), e2e_p90=pct(measured["total_ms"], 90),
-            total_s=float(measured["total_ms"].sum()) / 1e3 if len(measured) else math.nan,
+            total_s=wall_s if len(measured) else math.nan,
+            batch=med(batch), requests_per_s=len(measured) / wall_s if wall_s > 0 else math.nan,
             peak_gib=med(measured["peak_memory_bytes"]) / 2**30,
             tflops=med(flops / 1e12),
             roofline_p50=med(measured["prefill_roofline_ms"]),
@@ -610,6 +617,8 @@ def _efficiency_rows(requests: pd.DataFrame, full_tokens: float, noise: dict[str
     for row in rows:
         row["prefill_speedup"] = full[0]["prefill_p50"] / row["prefill_p50"] if full and row["prefill_p50"] else math.nan
         row["e2e_speedup"] = full[0]["e2e_p50"] / row["e2e_p50"] if full and row["e2e_p50"] else math.nan
+        row["throughput_speedup"] = (row["requests_per_s"] / full[0]["requests_per_s"]
+                                     if full and full[0]["requests_per_s"] > 0 else math.nan)
         # the most the reduction can buy on this device: the bounds' ratio, not the FLOPs'
         row["roofline_speedup"] = _roofline_speedup(work[(full[0]["method"], "full")] if full else None,
                                                     work[(row["method"], row["budget"])])
@@ -690,7 +699,8 @@ def efficiency_tables(results: Results) -> list[TableBlock]:
             "Over measured requests (warm-up and failed requests left out; failed ones counted). "
             "Visual tokens: per image (per frame for video); in: entering the LLM, kept: after an in-LLM "
             "method's last pruning layer (the same for pre-LLM methods). Decode ms/token: decode time over the "
-            "tokens generated after the first. Total time: sum of end-to-end times. TFLOPs: vision tower + "
+            "tokens generated after the first. Total time: the requests' wall time (a batch's end-to-end time "
+            "counted once); Requests/s: requests over it, so it grows with the sweep's batch_size. TFLOPs: vision tower + "
             "LLM prefill, per request (decode not counted). Speed-ups: full-budget median / this row's median, "
             "both from this sweep."
         ]
