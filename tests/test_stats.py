@@ -207,6 +207,10 @@ def test_limit_caption_names_the_limit_and_n():
     cells = pd.DataFrame(dict(benchmark=["GQA", "MME"], n=[20, 10], unit=["questions", "pairs"], limit=[20, 20]))
     assert limit_caption(cells) == "limit 20 (n: GQA 20 questions, MME 10 pairs): for testing, not for comparison."
     assert limit_caption(cells.assign(limit=[None, None])) == ""
+    # a benchmark without per-sample units (Video-MME): its unit is NaN, not a name (it printed "? nan")
+    cells = pd.DataFrame(dict(benchmark=["GQA", "VideoMME"], n=[20, 12], unit=["questions", float("nan")],
+                              limit=[20, 20]))
+    assert limit_caption(cells) == "limit 20 (n: GQA 20 questions, Video-MME 12 questions): for testing, not for comparison."
 
 
 def test_compare_command_prints_paired_differences(sweep, capsys):

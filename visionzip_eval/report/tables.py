@@ -178,8 +178,10 @@ def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.
         facts = samples.get(first["path"], no_samples)
         units = stats.run_units(first["path"], first["task"], first["benchmark"], metric)
         ci = stats.interval(units) if units is not None else None
+        # no per-sample scoring for this metric (Video-MME, no samples file): lmms-eval's own count
+        counted = float(first["n_samples"]) if ci is None and pd.notna(first["n_samples"]) else math.nan
         rows.append(dict(
-            units=units, n=ci.n if ci else math.nan, unit=units.unit if units else None,
+            units=units, n=ci.n if ci else counted, unit=units.unit if units else "questions" if counted == counted else None,
             ci_low=ci.low if ci else math.nan, ci_high=ci.high if ci else math.nan,
             limit=first["limit"],
             run_id=first["run_id"], model=first["model"], pretrained=first["pretrained"],
@@ -500,12 +502,13 @@ def limit_caption(cells: pd.DataFrame) -> str:
     if limit is None:
         return ""
     ns = {b: sorted({int(v) for v in rows["n"].dropna()}) for b, rows in cells.groupby("benchmark", sort=False)}
-    units = {b: next((u for u in rows["unit"] if u), "questions") for b, rows in cells.groupby("benchmark")}
+    units = {b: next((u for u in rows["unit"] if isinstance(u, str)), "questions")
+             for b, rows in cells.groupby("benchmark")}
     same = {tuple(v) for v in ns.values()}
     if len(same) == 1 and len(next(iter(same))) == 1 and set(units.values()) == {"questions"}:
         what = f"n={next(iter(same))[0]} per benchmark"
     else:
-        what = "n: " + ", ".join(f"{b} {'/'.join(map(str, v)) or '?'} {units[b]}"
+        what = "n: " + ", ".join(f"{B.get(b).name if B.get(b) else b} {'/'.join(map(str, v)) or '?'} {units[b]}"
                                  for b, v in sorted(ns.items(), key=lambda kv: B.sort_key(kv[0])))
     return f"limit {limit} ({what}): for testing, not for comparison."
 
@@ -520,7 +523,8 @@ def _n_header(frame: pd.DataFrame, key: str) -> str:
 
 
 def n_note(cells: pd.DataFrame, bench_keys: list[str], plusminus: bool) -> str:
-    units = {b: next((u for u in cells.loc[cells["benchmark"] == b, "unit"] if u), None) for b in bench_keys}
+    units = {b: next((u for u in cells.loc[cells["benchmark"] == b, "unit"] if isinstance(u, str)), None)
+             for b in bench_keys}
     counted = "; ".join(f"{B.get(b).name if B.get(b) else b}: {u}" for b, u in units.items() if u)
     text = ("n: the units each score averages over, per benchmark cell (" + (counted or "no samples file") + "); "
             "the CSV has every cell's n and its 95% interval (`<benchmark> low/high`, `Avg low/high`): Wilson for "

@@ -97,7 +97,8 @@ def _load(pretrained: str, max_num_seqs: int, memory_fraction: float | None):
         # vLLM first: its CPU backend checks the free memory against its fraction at start-up
         folder = shape_checkpoint(Path(tempfile.mkdtemp(prefix="visionzip-vllm-shape-")))
         llm = new_llm(folder, torch.bfloat16, max_num_seqs=max_num_seqs, max_model_len=1024,
-                      memory_fraction=memory_fraction or SHAPE_MEMORY_FRACTION, load_format="dummy")
+                      memory_fraction=memory_fraction or SHAPE_MEMORY_FRACTION, load_format="dummy",
+                      max_num_batched_tokens=1024)  # = max_model_len: a full-budget request per step
         model, processor = tower_copy()
         served = ServedEngine(Engine(model, processor), llm, torch.bfloat16)
         config = llava15_7b_config(32)

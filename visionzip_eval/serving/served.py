@@ -52,8 +52,11 @@ def vllm_unavailable() -> str | None:
 
 
 def new_llm(folder: str | Path, dtype: torch.dtype, *, max_num_seqs: int = 8, max_model_len: int = 2048,
-            memory_fraction: float = 0.1, load_format: str = "auto", max_images: int = 4):
-    """A vLLM ``LLM`` taking image embeddings, prefix caching off (timings must not reuse a prefix)."""
+            memory_fraction: float = 0.1, load_format: str = "auto", max_images: int = 4,
+            max_num_batched_tokens: int | None = None):
+    """A vLLM ``LLM`` taking image embeddings, prefix caching off (timings must not reuse a prefix).
+    ``max_num_batched_tokens``: the tokens one engine step takes (None: vLLM's default); vLLM warms
+    up with a step of that size, which at 7B on a CPU costs minutes per thousand tokens."""
     reason = vllm_unavailable()
     if reason:
         raise ValueError(reason)
@@ -64,6 +67,7 @@ def new_llm(folder: str | Path, dtype: torch.dtype, *, max_num_seqs: int = 8, ma
         gpu_memory_utilization=memory_fraction, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         limit_mm_per_prompt={"image": max_images}, load_format=load_format, seed=0, disable_log_stats=False,
         enforce_eager=False,
+        **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
     )
 
 
