@@ -309,3 +309,18 @@ def test_baselines_pass_the_same_count_per_crop(next_tiny, method):
     with MethodSpec.parse(method).build(64)(model), torch.no_grad():
         features = model.model.get_image_features(**inputs).pooler_output
     assert features[0].shape == (3 * 64, model.config.text_config.hidden_size)
+
+
+def test_divprune_packed_scope_is_refused_on_anyres_families(next_tiny):
+    """The official LLaVA-1.6 DivPrune selects over an image's whole packed sequence; not
+    implemented here (a per-image count), so it is refused in one line, not run per crop."""
+    from visionzip_eval import MethodSpec
+    from visionzip_eval.backends.llava_hf import LlavaHFBackend
+    from visionzip_eval.backends.llava_onevision import LlavaOnevisionBackend
+    from visionzip_eval.backends.qwen2_5_vl import Qwen2_5_VLBackend
+
+    model, _ = next_tiny
+    with pytest.raises(ValueError, match=r"divprune: scope=packed .* not implemented for llava-next .*use scope=per_unit"):
+        MethodSpec.parse("divprune", scope="packed").build(64).apply(model)
+    assert applied_reducer(model) is None
+    assert LlavaOnevisionBackend.packs_units and not LlavaHFBackend.packs_units and not Qwen2_5_VLBackend.packs_units

@@ -53,6 +53,11 @@ def test_cli_methods_json_lists_every_method():
         {"name": "selection_precision", "type": "'float32'/'reference'", "default": "float32"},
     ]
     assert listed["fastervlm"]["kind"] == "pre-llm"
+    assert listed["divprune"]["options"] == [
+        {"name": "scope", "type": "'per_unit'/'packed'", "default": "per_unit"},
+    ]
+    with pytest.raises(ValueError, match=r"method 'divprune': option scope must be 'per_unit'/'packed', got 'crop'"):
+        get_method("divprune", 64, scope="crop")
 
 
 def test_spec_labels_round_trip_and_errors_name_the_options():

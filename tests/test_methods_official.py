@@ -8,7 +8,7 @@ test per method checks that the model path (float32, recomputed signals) is that
 
 import pytest
 import torch
-from official_divprune import reference_divprune
+from official_divprune import official_num_kept, reference_divprune
 from official_fastervlm import reference_fastervlm
 from official_prumerge_plus import reference_prumerge_plus_adaptive, reference_prumerge_plus_fixed
 from official_vispruner import reference_vispruner
@@ -93,6 +93,18 @@ def test_divprune_model_path_is_the_selection(tiny, pixel_values):
     with torch.no_grad():
         want = divprune_select(backend.project(signals.hidden[:, 1:]), 128) + 1
     assert torch.equal(ours.dominant_index, want)
+
+
+@pytest.mark.parametrize("tokens", [64, 128, 192])
+def test_divprune_packed_is_per_unit_when_an_image_is_one_unit(tiny, pixel_values, tokens):
+    """scope=packed keeps int(round(ratio * len)) rows of an image's whole sequence
+    (llava_arch.py:153, :369-375); on LLaVA-1.5 that sequence is its one unit of 576 rows, so at
+    ratio tokens/576 it keeps ``tokens``: the per_unit selection, row for row."""
+    packed = _select(tiny, pixel_values, "divprune", tokens, scope="packed")
+    per_unit = _select(tiny, pixel_values, "divprune", tokens)
+    assert official_num_kept(tokens / 576) == tokens == packed.dominant_index.shape[1]
+    assert torch.equal(packed.dominant_index, per_unit.dominant_index)
+    assert torch.equal(packed.tokens, per_unit.tokens)
 
 
 @pytest.mark.parametrize("tokens", [64, 128, 192, 9])

@@ -85,6 +85,8 @@ class VLMBackend(ABC):
     # the LLM is a standard transformers decoder (``layers`` of ``self_attn`` with q/k
     # projections, 1-D rotary positions), so in-LLM methods can prune inside it
     in_llm_pruning: ClassVar[bool] = True
+    # an image is several units (AnyRes crops) packed into one sequence for the LLM
+    packs_units: ClassVar[bool] = False
     # -- loading (visionzip_eval.loading dispatches on these) ---------------------------------
     model_types: ClassVar[tuple[str, ...]] = ()  # config.json model_type values this family loads
     claim_order: ClassVar[int] = 0  # lower claims first (for configs another family would also claim)

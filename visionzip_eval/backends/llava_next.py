@@ -186,6 +186,7 @@ def build_tiny_llava_next(
 class LlavaNextBackend(LlavaHFBackend):
     name = "llava-next (LlavaNextForConditionalGeneration, AnyRes, CLIP tower)"
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
+    packs_units: ClassVar[bool] = True
     model_class: ClassVar[type] = LlavaNextForConditionalGeneration
     builtin: ClassVar[dict[str, Callable]] = {"builtin:tiny-llava-next": build_tiny_llava_next}
 

@@ -17,17 +17,29 @@ The official rule on LLaVA-1.5, per image, before the LLM:
 Here: the same rule, batched over images and on every family (it needs no attention and no
 CLS token); the projector runs on all patches for the distances (as the official code does)
 and again on the kept ones (it acts per token, so the rows are the same).
+
+``scope`` (what one selection runs over):
+- ``per_unit`` (default): each tower unit (an image; an AnyRes crop, base image included; a
+  frame) keeps ``tokens``. On one-unit-per-image families this is the official rule.
+- ``packed``: the official LLaVA-1.6 rule, one selection over an image's whole packed sequence:
+  ``image_features`` after ``pack``/unpad (base unit, unpadded crop grid, one ``image_newline``
+  per grid row, ``:192-226``), its length read at ``:369-372`` and ``int(round(ratio * len))``
+  rows kept (``:153``, ``:375``), newline rows eligible. On one-unit families it is ``per_unit``
+  (the sequence is the unit); on AnyRes families (``backend.packs_units``) it is refused: the
+  kept count would vary with each image's size, and the processor, the placeholder checks and
+  the per-unit ``tokens_per_image`` accounting all assume a fixed count per unit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from visionzip_eval.backends.base import TowerSignals, VLMBackend
-from visionzip_eval.methods.base import FixedCountReducer
+from visionzip_eval.methods.base import FixedCountReducer, check_choice
 from visionzip_eval.methods.registry import register_method
 from visionzip_eval.selection import Selection, gather_rows, work_dtype
 
@@ -57,6 +69,21 @@ def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
 @dataclass
 class DivPrune(FixedCountReducer):
     """The max-min diverse subset of the projected visual tokens (cosine distance); no merge."""
+
+    scope: Literal["per_unit", "packed"] = "per_unit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.name, "scope", self.scope, ("per_unit", "packed"))
+
+    def check(self, backend: VLMBackend) -> None:
+        super().check(backend)
+        if self.scope == "packed" and backend.packs_units:
+            raise ValueError(
+                f"divprune: scope=packed (one selection over an image's whole packed AnyRes sequence, "
+                f"the official LLaVA-1.6 rule) is not implemented for {backend.name}: use scope=per_unit "
+                "(the same selection per crop, base image included)"
+            )
 
     def reduce(self, signals: TowerSignals, backend: VLMBackend) -> Selection:
         patches = backend.patch_features(signals)
