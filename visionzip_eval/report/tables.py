@@ -181,7 +181,7 @@ def score_cells(results: Results, options: TableOptions = TableOptions()) -> pd.
         # no per-sample scoring for this metric (Video-MME, no samples file): lmms-eval's own count
         counted = float(first["n_samples"]) if ci is None and pd.notna(first["n_samples"]) else math.nan
         rows.append(dict(
-            units=units, n=ci.n if ci else counted, unit=units.unit if units else "questions" if counted == counted else None,
+            units=units, n=ci.n if ci else counted, unit=units.unit if units else None if math.isnan(counted) else "questions",
             ci_low=ci.low if ci else math.nan, ci_high=ci.high if ci else math.nan,
             limit=first["limit"],
             run_id=first["run_id"], model=first["model"], pretrained=first["pretrained"],
